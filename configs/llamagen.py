@@ -1,0 +1,114 @@
+r"""ddjax on LlamaGen class-conditional teachers.
+
+Presets (the part after ':'):
+  tiny         a tiny randomly initialised teacher and VQ (CPU, seconds; tests and smoke runs)
+  B, L         LlamaGen GPT-B / GPT-L, 256 px, VQ-16 (official checkpoints c2i_B_256.pt, ...)
+  XL, XXL      GPT-XL / GPT-XXL, 384 px (576 tokens)
+  XXXL         GPT-XXXL (LlamaGen's "3B" c2i), 384 px
+Extra key=value pairs override the arguments below, e.g. `:B,mode=sample_teacher`.
+
+Launch:
+  python -m ddjax.main --config=configs/llamagen.py --workdir=/tmp/ddjax
+  python -m ddjax.main --config=configs/llamagen.py:B --config.mode=sample_teacher \
+      --config.teacher.checkpoint=/ckpts/c2i_B_256.pt --config.vq.checkpoint=/ckpts/vq_ds16_c2i.pt \
+      --workdir=/tmp/ddjax_b
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections as mlc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import parse_arg  # noqa: E402
+
+# preset -> (GPT variant, image size, DD split_t, official checkpoint file name)
+PRESETS = {
+    "B": ("GPT-B", 256, 80, "c2i_B_256.pt"),
+    "L": ("GPT-L", 256, 130, "c2i_L_256.pt"),
+    "XL": ("GPT-XL", 384, 130, "c2i_XL_384.pt"),
+    "XXL": ("GPT-XXL", 384, 130, "c2i_XXL_384.pt"),
+    "XXXL": ("GPT-XXXL", 384, 130, "c2i_3B_384.pt"),
+}
+_none = mlc.config_dict.placeholder
+MODES = ("info", "sample_teacher", "generate", "train", "sample", "evaluate", "all")
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    a = parse_arg(arg, preset="tiny", mode="sample_teacher", ckpt_dir="checkpoints")
+    c = mlc.ConfigDict()
+    c.preset = a["preset"]
+    c.mode = a["mode"]
+    c.seed = 0
+
+    # Mesh: the batch is split over `data`; `fsdp` shards parameters (training). -1 = the rest.
+    c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1})
+
+    c.teacher = mlc.ConfigDict()
+    c.teacher.variant = "GPT-B"
+    c.teacher.checkpoint = ""  # .pt / .safetensors / ddjax dir; "" only with random_init
+    c.teacher.weights_key = _none(str)  # ema / model / ...; None = detect
+    c.teacher.random_init = False  # allow a random teacher (tiny preset, benchmarks)
+    c.teacher.dtype = "float32"  # compute dtype
+    c.teacher.param_dtype = "float32"
+    # GPTConfig fields; None keeps the variant's value.
+    c.teacher.model = mlc.ConfigDict({
+        "vocab_size": 16384, "block_size": 256, "num_classes": 1000, "cls_token_num": 1,
+        "n_layer": _none(int), "dim": _none(int), "n_head": _none(int), "n_kv_head": _none(int),
+        "attention_impl": _none(str),
+    })
+
+    c.vq = mlc.ConfigDict()
+    c.vq.variant = "VQ-16"
+    c.vq.checkpoint = ""
+    c.vq.weights_key = _none(str)
+    c.vq.random_init = False
+    c.vq.dtype = "float32"
+    # VQConfig fields; None keeps the variant's value.
+    c.vq.model = mlc.ConfigDict({
+        "codebook_size": 16384, "codebook_embed_dim": 8, "ch": _none(int),
+        "encoder_ch_mult": _none(tuple), "decoder_ch_mult": _none(tuple), "z_channels": _none(int),
+    })
+    c.vq.image_size = 256
+
+    # Teacher sampling (LlamaGen's paper settings).
+    c.sampling = mlc.ConfigDict()
+    c.sampling.cfg_scale = 2.0
+    c.sampling.cfg_interval = -1  # guidance for all tokens; k > 0: only the first k tokens
+    c.sampling.temperature = 1.0
+    c.sampling.top_k = 8000  # 0 = off
+    c.sampling.top_p = 1.0
+    c.sampling.greedy = False
+    c.sampling.batch_size = 8
+    c.sampling.num_images = 16
+    c.sampling.labels = _none(str)  # e.g. "207,360,387"; None = random classes
+
+    # DD (student) settings used by sampling/training.
+    c.dd = mlc.ConfigDict({"t_list": (0, 80), "split_t": 80})
+
+    preset = a["preset"]
+    if preset == "tiny":
+        c.teacher.random_init = True
+        c.vq.random_init = True
+        c.teacher.model.update(vocab_size=64, block_size=16, num_classes=10, n_layer=2, dim=64,
+                               n_head=4)
+        c.vq.model.update(codebook_size=64, codebook_embed_dim=8, ch=32, encoder_ch_mult=(1, 2),
+                          decoder_ch_mult=(1, 2), z_channels=32)
+        c.vq.image_size = 8  # 4x4 tokens with a downsample factor of 2
+        c.sampling.update(top_k=0, batch_size=4, num_images=8)
+        c.dd.update(t_list=(0, 8), split_t=8)
+    elif preset in PRESETS:
+        variant, image_size, split_t, ckpt = PRESETS[preset]
+        c.teacher.variant = variant
+        c.teacher.checkpoint = os.path.join(a["ckpt_dir"], ckpt)
+        c.vq.checkpoint = os.path.join(a["ckpt_dir"], "vq_ds16_c2i.pt")
+        c.vq.image_size = image_size
+        c.teacher.model.block_size = (image_size // 16) ** 2
+        c.dd.split_t = split_t
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose 'tiny' or one of {sorted(PRESETS)}")
+    if c.mode not in MODES:
+        raise ValueError(f"unknown mode {c.mode!r}; choose one of {MODES}")
+    return c

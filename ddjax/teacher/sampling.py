@@ -1,0 +1,238 @@
+"""Teacher sampling: one jit-compiled KV-cache decoding loop with classifier-free guidance.
+
+LlamaGen semantics (`autoregressive/models/generate.py`):
+  * CFG when cfg_scale > 1: each example runs twice (condition, null condition);
+    logits = uncond + (cond - uncond) * cfg_scale; with cfg_interval = k > -1 guidance is
+    used for image tokens 0..k+1 and the conditional logits alone afterwards;
+  * logits / max(temperature, 1e-5), then top-k (ties with the k-th kept), then top-p (the
+    first token past the threshold kept), then softmax and a multinomial draw (or argmax).
+The draw is a pluggable `TokenRule`, so the flow-matching map can replace it in the same
+loop. Conditional and unconditional rows are interleaved ([c0, u0, c1, u1, ...]) so that a
+batch split over the mesh keeps each pair on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from ddjax.sharding import batch_sharding, batch_size_per_step, replicated
+from ddjax.teacher.gpt import GPT, GPTConfig, init_cache
+
+# rule(key, logp [B, V] float32 with -inf for removed tokens, position (int32 scalar),
+#      inputs: pytree of [B, ...] for this position) -> token ids [B] int32
+TokenRule = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """Static sampling settings (hashable: part of the compiled loop's cache key)."""
+
+    cfg_scale: float = 1.0
+    cfg_interval: int = -1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+
+    def __post_init__(self):
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.cfg_scale > 1.0
+
+
+def settings_from_config(c: Any) -> SamplingSettings:
+    """SamplingSettings from a config block with the same field names (extra fields ignored)."""
+    names = {f.name for f in dataclasses.fields(SamplingSettings)}
+    return SamplingSettings(**{k: c[k] for k in names if k in c})
+
+
+# -- the per-token rules ------------------------------------------------------------------
+def guide(cond: jax.Array, uncond: jax.Array, scale: float, use: jax.Array | bool = True):
+    """CFG: uncond + (cond - uncond) * scale where `use`, else cond."""
+    return jnp.where(use, uncond + (cond - uncond) * scale, cond)
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """LlamaGen's top-k then top-p filtering of logits [B, V]; removed entries become -inf."""
+    neg_inf = jnp.array(-jnp.inf, logits.dtype)
+    vocab = logits.shape[-1]
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, vocab))[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # Remove past the threshold, shifted right by one: the first token past it stays.
+        remove = jnp.concatenate([jnp.zeros_like(cum[..., :1], bool), (cum > top_p)[..., :-1]], -1)
+        remove_orig = jnp.zeros_like(remove).at[jnp.arange(logits.shape[0])[:, None], order].set(remove)
+        logits = jnp.where(remove_orig, neg_inf, logits)
+    return logits
+
+
+def process_logits(logits: jax.Array, settings: SamplingSettings) -> jax.Array:
+    """Temperature, top-k, top-p -> log-probabilities [B, V] (float32, -inf where removed)."""
+    logits = logits.astype(jnp.float32) / max(settings.temperature, 1e-5)
+    logits = filter_logits(logits, settings.top_k, settings.top_p)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def multinomial_rule(key: jax.Array, logp: jax.Array, position: jax.Array, inputs: Any) -> jax.Array:
+    del position, inputs
+    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+
+
+def greedy_rule(key: jax.Array, logp: jax.Array, position: jax.Array, inputs: Any) -> jax.Array:
+    del key, position, inputs
+    return jnp.argmax(logp, axis=-1).astype(jnp.int32)
+
+
+# -- the loop -----------------------------------------------------------------------------
+@flax.struct.dataclass
+class LoopState:
+    tokens: jax.Array  # [B, L] int32
+    logits: jax.Array  # [rows, V] raw logits for the next token (rows = 2B with CFG)
+    caches: list  # per-layer {"k", "v"} [rows, S, Hkv, D]
+
+
+def _null_cond(config: GPTConfig, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(condition rows, drop mask) with cond/null interleaved: [c0, n0, c1, n1, ...]."""
+    b = cond.shape[0]
+    both = jnp.repeat(cond, 2, axis=0)
+    drop = jnp.tile(jnp.array([False, True]), b)
+    return both, drop
+
+
+def _sample_impl(params, cond, key, prefix, rule_inputs, *, config: GPTConfig,
+                 settings: SamplingSettings, rule: TokenRule, prefix_len: int,
+                 num_tokens: int, mesh: Mesh | None):
+    model = GPT(config)
+    apply = functools.partial(model.apply, {"params": params})
+    b = cond.shape[0]
+    cfg = settings.use_cfg
+    rows = 2 * b if cfg else b
+
+    def constrain(x):
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim))
+
+    caches = jax.tree_util.tree_map(constrain, init_cache(config, rows))
+    if cfg:
+        cond_rows, drop = _null_cond(config, cond)
+        logits, caches = apply(cond_rows, caches, drop, method=GPT.prefill)
+    else:
+        logits, caches = apply(cond, caches, None, method=GPT.prefill)
+    c = config.cls_token_num
+    tokens = jnp.zeros((b, num_tokens), jnp.int32)
+    if prefix_len:
+        p = prefix[:, :prefix_len].astype(jnp.int32)
+        tokens = tokens.at[:, :prefix_len].set(p)
+        fed = jnp.repeat(p, 2, axis=0) if cfg else p
+        step_logits, caches = apply(fed, caches, c, method=GPT.decode)
+        logits = step_logits[:, -1]
+
+    def pick(state: LoopState, i: jax.Array) -> jax.Array:
+        lg = state.logits
+        if cfg:
+            lg = lg.reshape(b, 2, -1)
+            use = (settings.cfg_interval < 0) | (i <= settings.cfg_interval + 1)
+            lg = guide(lg[:, 0], lg[:, 1], settings.cfg_scale, use)
+        logp = process_logits(lg, settings)
+        inputs = jax.tree_util.tree_map(lambda x: x[:, i], rule_inputs)
+        return rule(jax.random.fold_in(key, i), logp, i, inputs).astype(jnp.int32)
+
+    def body(i, state: LoopState) -> LoopState:
+        tok = pick(state, i)
+        fed = jnp.repeat(tok, 2, axis=0) if cfg else tok
+        step_logits, caches = apply(fed[:, None], state.caches, c + i, method=GPT.decode)
+        return LoopState(state.tokens.at[:, i].set(tok), step_logits[:, 0], caches)
+
+    state = LoopState(tokens, logits, caches)
+    state = jax.lax.fori_loop(prefix_len, num_tokens - 1, body, state)
+    last = pick(state, jnp.int32(num_tokens - 1))
+    return state.tokens.at[:, num_tokens - 1].set(last)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(config, settings, rule, prefix_len, num_tokens, mesh):
+    kw = dict(config=config, settings=settings, rule=rule, prefix_len=prefix_len,
+              num_tokens=num_tokens, mesh=mesh)
+    fn = functools.partial(_sample_impl, **kw)
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, out_shardings=batch_sharding(mesh, 2))
+
+
+def sample(
+    params: Any,
+    config: GPTConfig,
+    cond: jax.Array,
+    key: jax.Array,
+    settings: SamplingSettings = SamplingSettings(),
+    *,
+    rule: TokenRule | None = None,
+    rule_inputs: Any = None,
+    prefix_ids: jax.Array | None = None,
+    prefix_len: int = 0,
+    num_tokens: int | None = None,
+    mesh: Mesh | None = None,
+) -> jax.Array:
+    """Samples image tokens from the teacher in one compiled loop.
+
+    Args:
+      params: GPT params.
+      config: the GPTConfig (static).
+      cond: class labels [B] int (c2i) or caption features [B, N, caption_dim] (t2i).
+      key: PRNG key; token i uses fold_in(key, i), so a continuation from a prefix draws the
+        same randomness for the same positions.
+      settings: CFG / temperature / top-k / top-p / greedy.
+      rule: the per-token draw (default multinomial, or argmax when settings.greedy).
+      rule_inputs: pytree of [B, L, ...] arrays; the rule gets [:, i] at position i
+        (the flow-matching map passes its noise here).
+      prefix_ids: [B, >= prefix_len] tokens to continue from (teacher-involved sampling);
+        positions < prefix_len are copied, the rest are sampled.
+      prefix_len: static number of given tokens.
+      num_tokens: tokens to produce (default block_size).
+      mesh: split the batch over the mesh's batch axes (B must divide evenly).
+    Returns:
+      token ids [B, num_tokens] int32.
+    """
+    num_tokens = num_tokens or config.block_size
+    if not 0 < num_tokens <= config.block_size:
+        raise ValueError(f"num_tokens must be in [1, {config.block_size}], got {num_tokens}")
+    if not 0 <= prefix_len < num_tokens:
+        raise ValueError(f"prefix_len must be in [0, {num_tokens}), got {prefix_len}")
+    b = cond.shape[0]
+    if prefix_len and (prefix_ids is None or prefix_ids.shape[0] != b
+                       or prefix_ids.shape[1] < prefix_len):
+        raise ValueError(f"prefix_ids must be [{b}, >={prefix_len}] for prefix_len={prefix_len}")
+    if mesh is not None and b % batch_size_per_step(mesh):
+        raise ValueError(f"batch {b} does not split over {batch_size_per_step(mesh)} devices")
+    if rule is None:
+        rule = greedy_rule if settings.greedy else multinomial_rule
+    if prefix_ids is None:
+        prefix_ids = jnp.zeros((b, 1), jnp.int32)
+    if mesh is not None:
+        # No-ops when the arrays already live there (keep params replicated across calls).
+        params = jax.device_put(params, replicated(mesh))
+        cond, prefix_ids, rule_inputs = jax.tree_util.tree_map(
+            lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), (cond, prefix_ids, rule_inputs)
+        )
+    fn = _compiled(config, settings, rule, prefix_len, num_tokens, mesh)
+    return fn(params, cond, key, prefix_ids, rule_inputs)
