@@ -1,0 +1,177 @@
+"""Teacher sampling: cache equivalence, LlamaGen's CFG/top-k/top-p rules, prefixes, compilation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddjax.teacher.gpt import GPT, init_cache
+
+_FORWARD = {}
+
+
+def forward(cfg, params, tokens, cond):
+    """Jitted teacher forcing (compiled once per config)."""
+    if cfg not in _FORWARD:
+        _FORWARD[cfg] = jax.jit(GPT(cfg).apply)
+    return _FORWARD[cfg]({"params": params}, tokens, cond)
+
+
+from ddjax.teacher.sampling import (  # noqa: E402
+    SamplingSettings,
+    filter_logits,
+    guide,
+    process_logits,
+    sample,
+)
+
+
+def test_cached_decoding_matches_teacher_forcing(tiny_gpt):
+    cfg, params = tiny_gpt
+    model = GPT(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (3, cfg.block_size), 0, cfg.vocab_size)
+    labels = jnp.array([0, 5, 9])
+    full = model.apply({"params": params}, tokens, labels)
+    caches = init_cache(cfg, 3)
+    first, caches = model.apply({"params": params}, labels, caches, method=GPT.prefill)
+    decode = jax.jit(lambda t, c, i: model.apply({"params": params}, t, c, i, method=GPT.decode))
+    steps = [first]
+    for i in range(cfg.block_size - 1):
+        lg, caches = decode(tokens[:, i:i + 1], caches, cfg.cls_token_num + i)
+        steps.append(lg[:, 0])
+    np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-5, rtol=0)
+    # Several tokens at once against the cache equal the same positions of the full pass.
+    caches = init_cache(cfg, 3)
+    _, caches = model.apply({"params": params}, labels, caches, method=GPT.prefill)
+    chunk, _ = model.apply({"params": params}, tokens[:, :7], caches, cfg.cls_token_num,
+                           method=GPT.decode)
+    np.testing.assert_allclose(chunk[:, :6], full[:, 1:7], atol=1e-5, rtol=0)
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward(tiny_gpt):
+    cfg, params = tiny_gpt
+    labels = jnp.array([1, 2, 3, 4])
+    got = np.asarray(sample(params, cfg, labels, jax.random.PRNGKey(0),
+                            SamplingSettings(greedy=True)))
+    seq = np.zeros_like(got)
+    for i in range(cfg.block_size):
+        logits = forward(cfg, params, jnp.asarray(seq), labels)
+        seq[:, i] = np.argmax(np.asarray(logits[:, i]), -1)
+    np.testing.assert_array_equal(got, seq)
+
+
+def test_greedy_with_cfg_uses_guided_logits(tiny_gpt):
+    cfg, params = tiny_gpt
+    labels = jnp.array([3, 7])
+    scale, interval = 3.0, 4
+    got = np.asarray(sample(params, cfg, labels, jax.random.PRNGKey(0),
+                            SamplingSettings(cfg_scale=scale, cfg_interval=interval, greedy=True)))
+    seq = np.zeros_like(got)
+    null = jnp.full_like(labels, cfg.num_classes)
+    for i in range(cfg.block_size):
+        c = forward(cfg, params, jnp.asarray(seq), labels)[:, i]
+        u = forward(cfg, params, jnp.asarray(seq), null)[:, i]
+        # LlamaGen: guidance for the prefill token and decode steps j <= interval (token j+1).
+        lg = u + (c - u) * scale if i <= interval + 1 else c
+        seq[:, i] = np.argmax(np.asarray(lg), -1)
+    np.testing.assert_array_equal(got, seq)
+
+
+def test_cfg_rule_by_hand():
+    cond = jnp.array([[1.0, 2.0, 0.0]])
+    uncond = jnp.array([[0.5, 3.0, 1.0]])
+    np.testing.assert_allclose(guide(cond, uncond, 2.0), [[1.5, 1.0, -1.0]])
+    np.testing.assert_allclose(guide(cond, uncond, 2.0, use=False), cond)
+
+
+def test_top_k_by_hand():
+    logits = jnp.array([[1.0, 5.0, 3.0, 3.0, 0.0, 4.0]])
+    out = np.asarray(filter_logits(logits, top_k=3))
+    # kept: 5, 4 and both 3s (ties with the k-th value stay, as in LlamaGen)
+    np.testing.assert_array_equal(np.isfinite(out), [[False, True, True, True, False, True]])
+    np.testing.assert_array_equal(np.isfinite(filter_logits(logits, top_k=1)),
+                                  [[False, True, False, False, False, False]])
+
+
+def test_top_p_by_hand():
+    p = np.array([0.5, 0.05, 0.3, 0.15])
+    logits = jnp.log(jnp.asarray(p))[None]
+    # sorted: .5 (cum .5), .3 (.8), .15 (.95), .05 (1.0)
+    keep = lambda top_p: np.isfinite(np.asarray(filter_logits(logits, top_p=top_p)))[0]  # noqa: E731
+    np.testing.assert_array_equal(keep(0.6), [True, False, True, False])  # first past .6 kept
+    np.testing.assert_array_equal(keep(0.79), [True, False, True, False])
+    np.testing.assert_array_equal(keep(0.81), [True, False, True, True])
+    np.testing.assert_array_equal(keep(0.4), [True, False, False, False])  # top token always
+    lp = process_logits(logits, SamplingSettings(top_p=0.6))
+    np.testing.assert_allclose(np.exp(lp[0]), [0.5 / 0.8, 0, 0.3 / 0.8, 0], atol=1e-6)
+
+
+def test_temperature_then_top_k_then_top_p():
+    logits = jnp.array([[2.0, 1.0, 0.0, -1.0]])
+    s = SamplingSettings(temperature=0.5, top_k=3, top_p=0.9)
+    z = np.array([4.0, 2.0, 0.0])  # logits / 0.5, top-3
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()  # [.867, .117, .016]: cum .867, .984
+    want = np.array([p[0], p[1], 0, 0]) / (p[0] + p[1])
+    np.testing.assert_allclose(np.exp(process_logits(logits, s))[0], want, atol=1e-6)
+
+
+def test_multinomial_frequencies_match_processed_probabilities(tiny_gpt):
+    cfg, params = tiny_gpt
+    settings = SamplingSettings(cfg_scale=2.0, top_k=5, top_p=0.9)
+    labels = jnp.full((2000,), 4)
+    toks = np.asarray(sample(params, cfg, labels, jax.random.PRNGKey(3), settings, num_tokens=1))
+    c = forward(cfg, params, jnp.zeros((1, 1), jnp.int32), labels[:1])[:, 0]
+    u = forward(cfg, params, jnp.zeros((1, 1), jnp.int32),
+                       jnp.array([cfg.num_classes]))[:, 0]
+    p = np.exp(np.asarray(process_logits(guide(c, u, 2.0), settings))[0])
+    freq = np.bincount(toks[:, 0], minlength=cfg.vocab_size) / len(toks)
+    assert set(np.nonzero(freq)[0]) <= set(np.nonzero(p)[0])
+    np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(0.25 / len(toks)))
+
+
+def test_prefix_continuation_and_determinism(tiny_gpt):
+    cfg, params = tiny_gpt
+    labels = jnp.array([0, 1, 2, 3])
+    s = SamplingSettings(cfg_scale=2.0, top_k=20)
+    key = jax.random.PRNGKey(7)
+    full = np.asarray(sample(params, cfg, labels, key, s))
+    np.testing.assert_array_equal(full, np.asarray(sample(params, cfg, labels, key, s)))
+    # Same key: continuing from the sampler's own prefix reproduces the same sequence.
+    cont = np.asarray(sample(params, cfg, labels, key, s, prefix_ids=jnp.asarray(full),
+                             prefix_len=6))
+    np.testing.assert_array_equal(cont, full)
+    # A foreign prefix is kept verbatim and the rest continues from it.
+    other = np.asarray(jax.random.randint(jax.random.PRNGKey(9), full.shape, 0, cfg.vocab_size))
+    cont = np.asarray(sample(params, cfg, labels, key, SamplingSettings(greedy=True),
+                             prefix_ids=jnp.asarray(other), prefix_len=5))
+    np.testing.assert_array_equal(cont[:, :5], other[:, :5])
+    seq = cont.copy()
+    for i in range(5, cfg.block_size):
+        lg = forward(cfg, params, jnp.asarray(seq), labels)[:, i]
+        assert (np.argmax(np.asarray(lg), -1) == seq[:, i]).all()
+
+
+def test_no_recompilation_for_same_shapes(tiny_gpt):
+    from ddjax.teacher import sampling as sampling_lib
+
+    cfg, params = tiny_gpt
+    s = SamplingSettings(temperature=0.9)
+    labels = jnp.array([1, 2])
+    sample(params, cfg, labels, jax.random.PRNGKey(0), s)
+    fn = sampling_lib._compiled(cfg, s, sampling_lib.multinomial_rule, 0, cfg.block_size, None)
+    before = fn._cache_size()
+    for seed in range(3):
+        sample(params, cfg, labels + seed, jax.random.PRNGKey(seed), s)
+    assert fn._cache_size() == before == 1
+
+
+def test_bad_arguments(tiny_gpt):
+    cfg, params = tiny_gpt
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingSettings(top_p=0.0)
+    with pytest.raises(ValueError, match="prefix_ids"):
+        sample(params, cfg, jnp.array([1]), jax.random.PRNGKey(0), prefix_len=3)
+    with pytest.raises(ValueError, match="num_tokens"):
+        sample(params, cfg, jnp.array([1]), jax.random.PRNGKey(0), num_tokens=cfg.block_size + 1)
