@@ -85,6 +85,22 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.sampling.num_images = 16
     c.sampling.labels = _none(str)  # e.g. "207,360,387"; None = random classes
 
+    # The flow-matching map (one token): see experiments/flow_solver/README.md for the defaults.
+    c.flow = mlc.ConfigDict({
+        "solver": "heun", "num_steps": 16, "t_min": 1e-3, "schedule": "quadratic",
+        "support_k": _none(int), "prune_t": _none(float), "prune_k": 64, "chunk": 64,
+    })
+
+    # The noise -> token pair dataset (mode=generate).
+    c.data = mlc.ConfigDict()
+    c.data.dir = ""  # "" = WORKDIR/pairs
+    c.data.num_pairs = 100_000
+    c.data.shard_size = 1024
+    c.data.batch_size = 32  # pairs mapped per compiled call (multiple of the batch shards)
+    c.data.label_policy = "balanced"  # or "uniform"
+    c.data.seed = 0
+    c.data.verify_existing = True  # checksum finished shards when resuming
+
     # DD (student) settings used by sampling/training.
     c.dd = mlc.ConfigDict({"t_list": (0, 80), "split_t": 80})
 
@@ -98,6 +114,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                           decoder_ch_mult=(1, 2), z_channels=32)
         c.vq.image_size = 8  # 4x4 tokens with a downsample factor of 2
         c.sampling.update(top_k=0, batch_size=4, num_images=8)
+        c.data.update(num_pairs=256, shard_size=64, batch_size=16)
         c.dd.update(t_list=(0, 8), split_t=8)
     elif preset in PRESETS:
         variant, image_size, split_t, ckpt = PRESETS[preset]

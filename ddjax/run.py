@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -130,7 +131,62 @@ def mode_sample_teacher(config: Any, workdir: str) -> dict:
     return {"tokens": tokens, "labels": labels, "grid": grid}
 
 
+def vq_codebook(vq_params: Any, vcfg: Any) -> np.ndarray:
+    """The VQ codebook [K, d] as the teacher's tokens index it (L2-normalised when configured)."""
+    from ddjax.teacher import vq as vq_lib  # noqa: PLC0415
+
+    return np.asarray(vq_lib.VQModel(vcfg).apply({"params": vq_params}, method=vq_lib.VQModel.codebook))
+
+
+def flow_settings(config: Any):
+    from ddjax.mapper.flow import FlowSettings  # noqa: PLC0415
+
+    return FlowSettings(**dict(config.flow))
+
+
+def pairs_dir(config: Any, workdir: str) -> str:
+    return config.data.dir or os.path.join(workdir, "pairs")
+
+
+def mode_generate(config: Any, workdir: str) -> dict:
+    """Writes (noise, tokens, label) pair shards with the flow-matching map; resumable."""
+    from ddjax.mapper.pairs import PairSpec, generate_pairs  # noqa: PLC0415
+    from ddjax.mapper.sequence import map_noise_to_tokens  # noqa: PLC0415
+
+    cfg, params = load_teacher(config)
+    vcfg, vparams = load_vq(config)
+    codebook = vq_codebook(vparams, vcfg)
+    settings = sampling_lib.settings_from_config(config.sampling)
+    flow = flow_settings(config)
+    # Each process maps its own shards on its local devices.
+    mesh = sharding.make_mesh(dict(config.mesh), devices=jax.local_devices())
+    if config.data.batch_size % sharding.batch_size_per_step(mesh):
+        raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple of "
+                         f"the {sharding.batch_size_per_step(mesh)} local batch shards")
+    params = jax.device_put(params, sharding.replicated(mesh))
+    spec = PairSpec(
+        seed=config.data.seed, num_pairs=config.data.num_pairs, shard_size=config.data.shard_size,
+        seq_len=cfg.block_size, noise_dim=codebook.shape[1], num_classes=cfg.num_classes,
+        label_policy=config.data.label_policy,
+        generator={"teacher": config.teacher.variant, "checkpoint": config.teacher.checkpoint,
+                   "vocab_size": cfg.vocab_size, "sampling": dataclasses.asdict(settings),
+                   "flow": dataclasses.asdict(flow)},
+    )
+
+    def map_fn(noise, labels):
+        return map_noise_to_tokens(params, cfg, jnp.asarray(noise), jnp.asarray(labels), codebook,
+                                   settings, flow, mesh=mesh)
+
+    directory = pairs_dir(config, workdir)
+    written = generate_pairs(directory, spec, map_fn, config.data.batch_size,
+                             verify_existing=config.data.verify_existing)
+    logging.info("pairs in %s: wrote %d shards now, %d in total", directory, len(written),
+                 spec.num_shards)
+    return {"dir": directory, "written": written}
+
+
 MODES = {
+    "generate": mode_generate,
     "info": mode_info,
     "sample_teacher": mode_sample_teacher,
 }
