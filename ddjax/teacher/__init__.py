@@ -15,6 +15,7 @@ from ddjax.teacher.gpt import (
     init_params,
 )
 from ddjax.teacher.loading import load_gpt, load_vq
+from ddjax.teacher.vq import VQConfig, VQModel, vq_config
 
 __all__ = [
     "GPT",
@@ -25,4 +26,7 @@ __all__ = [
     "init_params",
     "load_gpt",
     "load_vq",
+    "VQConfig",
+    "VQModel",
+    "vq_config",
 ]
