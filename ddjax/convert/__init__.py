@@ -4,6 +4,7 @@
     python -m ddjax.convert to-torch --kind gpt --input DIR --output gpt_b.safetensors
 """
 
+from ddjax.convert.api import export_torch, import_torch, load_jax, save_jax
 from ddjax.convert.mapping import check_params, flax_to_torch, torch_key, torch_to_flax
 from ddjax.convert.torch_io import (
     CheckpointError,
@@ -13,6 +14,10 @@ from ddjax.convert.torch_io import (
 )
 
 __all__ = [
+    "export_torch",
+    "import_torch",
+    "load_jax",
+    "save_jax",
     "CheckpointError",
     "check_params",
     "flax_to_torch",

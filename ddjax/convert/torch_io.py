@@ -6,6 +6,7 @@ loaded with `weights_only=True` (no arbitrary pickles are executed).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Mapping
@@ -57,7 +58,10 @@ def _load_raw(path: str) -> Mapping[str, Any]:
     if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
         torch = _require_torch(f"reading {os.path.basename(path)}")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # Training checkpoints often pickle their argparse.Namespace beside the weights;
+            # allow that one harmless class, nothing else.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {e}") from e
     raise CheckpointError(f"unknown checkpoint format for {path}: expected .pt/.pth or .safetensors")
@@ -137,7 +141,7 @@ def write_state_dict(path: str, state: StateDict, nest_under: tuple[str, ...] = 
             if v.dtype.name == "bfloat16":
                 tensors[k] = torch.from_numpy(np.asarray(v, np.float32)).to(torch.bfloat16)
             else:
-                tensors[k] = torch.from_numpy(np.ascontiguousarray(v))
+                tensors[k] = torch.from_numpy(np.array(v, copy=True))  # writable, contiguous
         torch.save({key: tensors for key in nest_under} if nest_under else tensors, tmp)
     else:
         raise CheckpointError(f"unknown output format for {path}: use .pt/.pth or .safetensors")

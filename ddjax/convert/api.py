@@ -1,0 +1,239 @@
+"""Checkpoint conversion between ddjax params and the official PyTorch checkpoints.
+
+Three kinds of model:
+  * "gpt"  LlamaGen's `Transformer` (autoregressive/models/gpt.py), config `GPTConfig`;
+  * "vq"   LlamaGen's `VQModel` (tokenizer/tokenizer_image/vq_model.py), config `VQConfig`;
+  * "dd"   the official DD student `DDTransformer` (LlamaGen/autoregressive/models/dd.py of
+           Distilled Decoding), config `DDConfig`.
+
+    params = import_torch("dd_ckpt.pt", "dd", config)           # prefers the "ema" weights
+    export_torch(params, "dd", "student.pt")                     # {"model": sd, "ema": sd}
+    save_jax("ckpt/dd", params, "dd", config)                    # Orbax dir + ddjax.json
+    params, config = load_jax("ckpt/dd")
+
+Exports carry exactly the keys, shapes and dtypes of the official module's `state_dict()`, so
+`load_state_dict(..., strict=True)` works; for "vq" that includes the `quantize.codebook_used`
+buffer (written as zeros). `.safetensors` files are flat and never need torch; `.pt` files
+nest the weights where the official loaders look for them (`NEST_UNDER`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+from ddjax.convert.mapping import check_params, flax_to_torch, torch_to_flax
+from ddjax.convert.torch_io import StateDict, read_state_dict, write_state_dict
+from ddjax.utils.checkpoint import config_to_dict, load_params, read_meta, save_params
+
+KINDS = ("gpt", "vq", "dd")
+# Where `.pt` exports put the weights: LlamaGen's samplers read checkpoint["model"]; the DD
+# evaluation script reads checkpoint["ema"] with --ema and checkpoint["model"] without.
+NEST_UNDER: dict[str, tuple[str, ...]] = {"gpt": ("model",), "vq": ("model",), "dd": ("model", "ema")}
+# LlamaGen's VectorQuantizer registers a usage counter when codebook_show_usage (the default).
+VQ_USAGE_KEY = "quantize.codebook_used"
+VQ_USAGE_SIZE = 65536
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+
+
+# -- configs ------------------------------------------------------------------------------------
+def build_config(kind: str, model: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """The config for `kind` from a variant name and field overrides.
+
+    gpt: `gpt_config(model or "GPT-B", **overrides)`; vq: `vq_config(model or "VQ-16", ...)`;
+    dd: `dd_config(gpt_config(model or "GPT-B", **overrides), codebook_dim)`, where
+    `codebook_dim` (default 8) may be one of the overrides.
+    """
+    _check_kind(kind)
+    overrides = dict(overrides or {})
+    if kind == "vq":
+        from ddjax.teacher.vq import vq_config  # noqa: PLC0415
+
+        return vq_config(model or "VQ-16", **overrides)
+    from ddjax.teacher.gpt import gpt_config  # noqa: PLC0415
+
+    if kind == "gpt":
+        return gpt_config(model or "GPT-B", **overrides)
+    from ddjax.student.model import dd_config  # noqa: PLC0415
+
+    codebook_dim = int(overrides.pop("codebook_dim", 8))
+    return dd_config(gpt_config(model or "GPT-B", **overrides), codebook_dim)
+
+
+def config_to_meta(kind: str, config: Any) -> dict[str, Any]:
+    """The JSON-able `model_config` stored in ddjax.json (dd: the GPTConfig fields + codebook_dim)."""
+    _check_kind(kind)
+    if kind == "dd":
+        return {**config_to_dict(config.gpt), "codebook_dim": int(config.codebook_dim)}
+    return config_to_dict(config)
+
+
+def config_from_meta(kind: str, meta: dict[str, Any]) -> Any:
+    """Inverse of `config_to_meta`; `meta` is ddjax.json's content or its `model_config`."""
+    _check_kind(kind)
+    cfg = dict(meta.get("model_config", meta))
+    if isinstance(cfg.get("gpt"), dict):  # a DDConfig stored nested: {"gpt": {...}, "codebook_dim"}
+        cfg = {**cfg.pop("gpt"), **cfg}
+    if kind == "vq":
+        from ddjax.teacher.vq import VQConfig as cls  # noqa: PLC0415
+    else:
+        from ddjax.teacher.gpt import GPTConfig as cls  # noqa: PLC0415
+    codebook_dim = cfg.pop("codebook_dim", None)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+        logging.warning("ignoring unknown %s config fields in ddjax.json: %s", kind, unknown)
+    config = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in names})
+    if kind == "dd":
+        from ddjax.student.model import DDConfig  # noqa: PLC0415
+
+        if codebook_dim is None:
+            raise ValueError("a dd model_config needs codebook_dim")
+        return DDConfig(config, int(codebook_dim))
+    return config
+
+
+def init_fn(kind: str):
+    """`init_params(config, rng)` for `kind`."""
+    _check_kind(kind)
+    if kind == "gpt":
+        from ddjax.teacher.gpt import init_params  # noqa: PLC0415
+    elif kind == "vq":
+        from ddjax.teacher.vq import init_params  # noqa: PLC0415
+    else:
+        from ddjax.student.model import init_params  # noqa: PLC0415
+    return init_params
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_params(kind: str, config: Any) -> Any:
+    fn = init_fn(kind)
+    return jax.eval_shape(lambda: fn(config, jax.random.PRNGKey(0)))
+
+
+def abstract_params(kind: str, config: Any) -> Any:
+    """Shapes and dtypes of the params of `kind` for `config` (nothing is allocated; cached)."""
+    return jax.tree_util.tree_map(lambda s: s, _abstract_params(kind, config))
+
+
+# -- PyTorch ------------------------------------------------------------------------------------
+def to_state_dict(params: Any, kind: str, *, vq_codebook_used: bool = True) -> StateDict:
+    """params -> {official key: numpy array}, dtypes kept (bfloat16 stays bfloat16)."""
+    _check_kind(kind)
+    state = flax_to_torch(params)
+    if kind == "vq" and vq_codebook_used:
+        dtype = state["quantize.embedding.weight"].dtype
+        state[VQ_USAGE_KEY] = np.zeros((VQ_USAGE_SIZE,), dtype)
+    return state
+
+
+def export_torch(params: Any, kind: str, path: str, *, config: Any = None,
+                 nest_under: Iterable[str] | None = None, vq_codebook_used: bool = True) -> str:
+    """Writes `params` under the official key names to `.safetensors` (flat) or `.pt`.
+
+    Args:
+      params: ddjax params of `kind`.
+      kind: "gpt", "vq" or "dd".
+      path: `.safetensors` (no torch needed) or `.pt`/`.pth`.
+      config: when given, every key and shape is checked against it first.
+      nest_under: `.pt` top-level keys holding the weights (default `NEST_UNDER[kind]`:
+        {"model": sd} for gpt/vq, {"model": sd, "ema": sd} for dd); () writes a bare state dict.
+      vq_codebook_used: add LlamaGen's `quantize.codebook_used` buffer (zeros) for "vq".
+    Returns the path.
+    """
+    _check_kind(kind)
+    if config is not None:
+        check_params(params, abstract_params(kind, config), source=f"{kind} params")
+    nest = NEST_UNDER[kind] if nest_under is None else tuple(nest_under)
+    write_state_dict(path, to_state_dict(params, kind, vq_codebook_used=vq_codebook_used),
+                     nest_under=nest)
+    return path
+
+
+def import_torch(path: str, kind: str, config: Any, weights_key: str | None = None, *,
+                 ignore: Iterable[str] = ()) -> Any:
+    """Params for `config` from a `.pt`/`.safetensors` checkpoint with the official key names.
+
+    Weights may sit under "ema", "model", "module", "state_dict" (searched in that order, so
+    EMA weights win) or at the top level; `weights_key` picks one. Buffers (RoPE tables, KV
+    caches, `codebook_used`) and the regexes in `ignore` are skipped. Leaves get the dtype of
+    `config.param_dtype`. Raises CheckpointError listing every missing, unexpected and
+    mis-shaped key.
+    """
+    return torch_to_flax(read_state_dict(path, weights_key), abstract_params(kind, config),
+                         source=path, ignore=ignore)
+
+
+# -- ddjax (Orbax) directories ------------------------------------------------------------------
+def save_jax(directory: str, params: Any, kind: str, config: Any, *, source: str | None = None,
+             overwrite: bool = False) -> str:
+    """Orbax directory DIR/params + DIR/ddjax.json ({kind, model_config, source}); returns DIR.
+
+    The params are checked against `config` first.
+    """
+    check_params(params, abstract_params(kind, config), source=f"{kind} params")
+    return save_params(directory, params, kind=kind, model_config=config_to_meta(kind, config),
+                       source=source, overwrite=overwrite)
+
+
+def load_jax(directory: str, kind: str | None = None) -> tuple[Any, Any]:
+    """(params, config) from a directory written by `save_jax` (or `to-jax`, or training).
+
+    The config comes from ddjax.json and every key and shape is checked against it; the params
+    keep the dtypes they were stored with. `kind`, when given, must match the stored one.
+    """
+    meta = read_meta(directory)
+    stored_kind = meta.get("kind")
+    if kind is not None and stored_kind != kind:
+        raise ValueError(f"{directory} holds a {stored_kind!r} checkpoint, expected {kind!r}")
+    if stored_kind not in KINDS:
+        raise ValueError(f"{directory}: unknown kind {stored_kind!r} in ddjax.json")
+    config = config_from_meta(stored_kind, meta)
+    params, _ = load_params(directory, kind=stored_kind)
+    check_params(params, abstract_params(stored_kind, config), source=directory)
+    return params, config
+
+
+def torch_to_jax(src: str, dst: str, kind: str, config: Any, weights_key: str | None = None, *,
+                 ignore: Iterable[str] = (), overwrite: bool = False) -> str:
+    """PyTorch checkpoint -> ddjax directory (`import_torch` then `save_jax`); returns DIR."""
+    params = import_torch(src, kind, config, weights_key, ignore=ignore)
+    leaves = jax.tree_util.tree_leaves(params)
+    logging.info("converted %s: %d tensors, %.1fM parameters", src, len(leaves),
+                 sum(x.size for x in leaves) / 1e6)
+    return save_jax(dst, params, kind, config, source=src, overwrite=overwrite)
+
+
+def jax_to_torch(src: str, dst: str, kind: str | None = None, *,
+                 nest_under: Iterable[str] | None = None, vq_codebook_used: bool = True) -> str:
+    """ddjax directory -> `.safetensors`/`.pt` with the official key names; returns `dst`."""
+    params, _ = load_jax(src, kind)
+    return export_torch(params, read_meta(src)["kind"], dst, nest_under=nest_under,
+                        vq_codebook_used=vq_codebook_used)
+
+
+__all__ = [
+    "KINDS",
+    "NEST_UNDER",
+    "abstract_params",
+    "build_config",
+    "config_from_meta",
+    "config_to_meta",
+    "export_torch",
+    "import_torch",
+    "jax_to_torch",
+    "load_jax",
+    "save_jax",
+    "to_state_dict",
+    "torch_to_jax",
+]
