@@ -101,8 +101,48 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.data.seed = 0
     c.data.verify_existing = True  # checksum finished shards when resuming
 
-    # DD (student) settings used by sampling/training.
-    c.dd = mlc.ConfigDict({"t_list": (0, 80), "split_t": 80})
+    # DD (student) sampling: t_list steps; positions < split_t snap to codes, the rest stay
+    # continuous; teacher-involved sampling starts the teacher at teacher_start (0 = off).
+    c.dd = mlc.ConfigDict({"t_list": (0, 80), "split_t": 80, "teacher_start": 60,
+                           "num_images": 16, "batch_size": 8})
+    c.student = mlc.ConfigDict()
+    c.student.checkpoint = ""  # "" = the latest training checkpoint in WORKDIR/student
+    c.student.init_from_teacher = True
+
+    # --- evaluation (mode=evaluate; mode=all runs generate, train, evaluate) --------------
+    c.eval = mlc.ConfigDict()
+    c.eval.num_samples = 1000  # images per method, on the same noise and labels
+    c.eval.batch_size = 100
+    c.eval.seed = 1234
+    c.eval.extractor = "inception"  # or "digits" (the demo's classifier features)
+    c.eval.extractor_weights = ""  # pytorch-fid Inception .pth/.npz; digits classifier .npz
+    c.eval.reference = ""  # FID reference: stats .npz (mu, sigma) or "digits" (the demo data)
+    c.eval.grid_size = 64  # images per PNG grid
+
+    # --- training (mode=train) -------------------------------------------------------------
+    c.train = mlc.ConfigDict()
+    c.train.t_list = (0, 80)  # timesteps t the student is trained at
+    c.train.t_weights = (1.0, 1.0)  # sampling weights of t_list
+    c.train.batch_size = 32  # global
+    c.train.num_steps = 10_000
+    c.train.lr = 1e-4
+    c.train.warmup_steps = 500
+    c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+    c.train.weight_decay = 0.05
+    c.train.b1, c.train.b2 = 0.9, 0.95
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.9999
+    c.train.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
+    c.train.ce_weight = 1.0  # cross-entropy on the logits head
+    c.train.cont_weight = 1.0  # continuous head loss
+    c.train.cont_loss = "mse"  # "mse" to the target codes; "lpips" is not implemented yet
+    c.train.lpips_weights = ""  # LPIPS weights file (cont_loss="lpips" raises without it)
+    c.train.compute_dtype = "float32"  # or "bfloat16"
+    c.train.sharding = "data"  # "data" (replicated params) or "fsdp"
+    c.train.log_every = 50
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.shuffle_window = 16  # shards shuffled together
 
     preset = a["preset"]
     if preset == "tiny":
@@ -115,7 +155,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.vq.image_size = 8  # 4x4 tokens with a downsample factor of 2
         c.sampling.update(top_k=0, batch_size=4, num_images=8)
         c.data.update(num_pairs=256, shard_size=64, batch_size=16)
-        c.dd.update(t_list=(0, 8), split_t=8)
+        c.eval.update(num_samples=64, batch_size=32, extractor="digits", reference="digits", grid_size=16)
+        c.dd.update(t_list=(0, 8), split_t=8, teacher_start=4, num_images=8, batch_size=8)
+        c.train.update(t_list=(0, 8), batch_size=16, num_steps=50, warmup_steps=5, lr=1e-3,
+                       log_every=10, checkpoint_every=25, ema_decay=0.99)
     elif preset in PRESETS:
         variant, image_size, split_t, ckpt = PRESETS[preset]
         c.teacher.variant = variant

@@ -7,6 +7,8 @@ config to `ddjax.run.run`. Override any field: --config.mode=sample_teacher
 
 from __future__ import annotations
 
+import logging as std_logging
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -23,9 +25,18 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops the INFO chatter of Orbax and absl's checkpoint plumbing; warnings still pass."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
+        handler.addFilter(_QuietLibraries())
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),

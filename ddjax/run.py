@@ -192,11 +192,19 @@ MODES = {
 }
 
 
+def _pipeline_modes() -> dict:
+    from ddjax import pipeline  # noqa: PLC0415
+
+    return {"train": pipeline.mode_train, "sample": pipeline.mode_sample,
+            "evaluate": pipeline.mode_evaluate, "all": pipeline.mode_all}
+
+
 def run(config: Any, workdir: str) -> Any:
     """Runs config.mode; each mode writes its outputs under workdir."""
-    if config.mode not in MODES:
-        raise ValueError(f"config.mode={config.mode!r} is not available; modes: {sorted(MODES)}")
+    modes = {**MODES, **_pipeline_modes()}
+    if config.mode not in modes:
+        raise ValueError(f"config.mode={config.mode!r} is not available; modes: {sorted(modes)}")
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
-    return MODES[config.mode](config, workdir)
+    return modes[config.mode](config, workdir)
