@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "scipy>=1.10",
     "scikit-learn>=1.4",
     "matplotlib>=3.8",
+    "tensorboardX>=2.6",
     "absl-py>=2.1",
     "safetensors>=0.4",
     "pillow>=10",

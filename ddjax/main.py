@@ -43,7 +43,7 @@ def main(argv):
                  jax.process_count(), jax.devices())
     try:
         run.run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         # Configuration and input problems: one clear line, no traceback.
         logging.error("%s: %s", type(e).__name__, e)
         raise SystemExit(2) from e

@@ -1,0 +1,283 @@
+"""Training the DD student: overfitting, kill-and-resume, NaN stops, 8-device equality."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from multidevice import run_on_8_devices
+
+from ddjax import run
+from ddjax.mapper.pairs import PairDataset
+from ddjax.student import losses, optim
+from ddjax.student import model as model_lib
+from ddjax.student import train as train_lib
+
+
+def tiny_config(**train):
+    import llamagen
+
+    config = llamagen.get_config("tiny,mode=generate")
+    config.data.update(num_pairs=64, shard_size=32, batch_size=32)
+    config.train.update(**train)
+    return config
+
+
+@pytest.fixture(scope="module")
+def pairs16(tmp_path_factory):
+    """64 pairs of the tiny preset (4x4 tokens) from the real generate mode."""
+    workdir = str(tmp_path_factory.mktemp("pairs16"))
+    config = tiny_config()
+    run.run(config, workdir)
+    return run.pairs_dir(config, workdir)
+
+
+def train_config(pairs_dir, **train):
+    base = dict(num_steps=20, batch_size=16, log_every=10, checkpoint_every=5, warmup_steps=5, lr=1e-3)
+    config = tiny_config(**{**base, **train})
+    config.mode = "train"
+    config.data.dir = pairs_dir
+    return config
+
+
+def latest_step(workdir):
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "student", "checkpoints"),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    return mngr.latest_step()
+
+
+def read_scalars(logdir):
+    """{tag: [(step, value)]} from the TensorBoard event files (TFRecord of Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        data, i = open(path, "rb").read(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+# -- pieces ---------------------------------------------------------------------------------
+def test_schedule_warmup_cosine_and_weight_decay_mask(tiny_gpt):
+    s = optim.lr_schedule(1.0, warmup_steps=4, num_steps=14, min_lr_ratio=0.1)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 3, 4, 9, 14, 20)],
+                               [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
+    params = model_lib.init_params(model_lib.dd_config(tiny_gpt[0], 8), jax.random.PRNGKey(0))
+    mask = optim.decay_mask(params)
+    assert mask["layers_0"]["feed_forward"]["w1"]["kernel"] and mask["output"]["kernel"]
+    assert mask["tok_embeddings"]["kernel"] and not mask["tok_embeddings"]["bias"]
+    assert not mask["cls_embedding"]["embedding_table"]["embedding"]
+    assert not mask["n_d_embed"]["embedding"] and not mask["norm"]["weight"]
+    assert not mask["final_layer_conti"]["scale_shift_table"]
+    ema = optim.ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, optim.ema_decay_at(0, 0.99))
+    np.testing.assert_allclose(ema["w"], 0.9, atol=1e-6)  # warmup: decay (1 + 0) / (10 + 0)
+    assert float(optim.ema_decay_at(10**6, 0.99)) == pytest.approx(0.99)
+
+
+def test_losses_are_masked_to_positions_from_t():
+    code = jnp.eye(4, 3)
+    tokens = jnp.array([[0, 1, 2, 3]])
+    logits = 10.0 * jax.nn.one_hot(jnp.array([[3, 3, 2, 3]]), 4)  # wrong at positions 0, 1
+    cont = code[jnp.array([[1, 1, 2, 3]])]  # wrong at position 0
+    terms = losses.per_position(cont, logits, tokens, code)
+    mask = losses.target_mask(jnp.array([2]), 4)
+    np.testing.assert_array_equal(mask, [[False, False, True, True]])
+    loss, parts = losses.dd_loss(terms, mask, ce_weight=1.0, cont_weight=1.0)
+    assert float(parts["cont_loss"]) == 0.0 and float(parts["ce"]) < 1e-3
+    assert float(losses.masked_mean(terms["acc"], mask)) == 1.0
+    assert float(losses.masked_mean(terms["acc"], jnp.ones_like(mask))) == 0.5
+    assert float(losses.masked_mean(terms["cont_acc"], jnp.ones_like(mask))) == 0.75
+
+
+def test_fsdp_spec_shards_the_largest_divisible_dim():
+    from jax.sharding import PartitionSpec as P
+
+    assert train_lib.fsdp_spec((64, 192), 4) == P(None, "fsdp")
+    assert train_lib.fsdp_spec((192, 64), 4) == P("fsdp", None)
+    assert train_lib.fsdp_spec((11, 64), 4) == P(None, "fsdp")
+    assert train_lib.fsdp_spec((11, 7), 4) == P()
+    assert train_lib.fsdp_spec((64,), 4) == P()
+
+
+def test_clear_errors(tmp_path):
+    config = train_config(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="--config.mode=generate first"):
+        train_lib.train(config, str(tmp_path))
+    config.train.cont_loss = "lpips"
+    with pytest.raises(ValueError, match="lpips_weights"):
+        train_lib.train(config, str(tmp_path))
+    config.train.lpips_weights = "/weights/lpips_vgg.npz"
+    with pytest.raises(ValueError, match="not implemented"):
+        train_lib.train(config, str(tmp_path))
+    config.train.update(cont_loss="mse", t_list=(0, 16))
+    with pytest.raises(ValueError, match="t_list"):
+        train_lib.train(config, str(tmp_path))
+
+
+# -- the loop -------------------------------------------------------------------------------
+def test_overfits_64_pairs_at_t0_and_t80(tmp_path):
+    """10x10 tokens, t_list (0, 80): the logits head reaches >= 99% on 64 pairs at both t."""
+    jax.config.update("jax_disable_most_optimizations", False)  # 150 steps: run time dominates
+    try:
+        config = tiny_config(t_list=(0, 80), batch_size=16, num_steps=150, lr=1e-2, warmup_steps=10,
+                             log_every=50, checkpoint_every=150, ema_decay=0.99)
+        config.teacher.model.block_size = 100
+        config.teacher.model.multiple_of = 32
+        config.data.update(num_pairs=64, shard_size=64, batch_size=64)
+        workdir = str(tmp_path)
+        run.run(config, workdir)
+        config.mode = "train"
+        result = train_lib.train(config, workdir)
+        cfg, params, meta = train_lib.load_student(workdir, ema=False)
+        pairs = PairDataset(run.pairs_dir(config, workdir)).load_all()
+        vcfg, vparams = run.load_vq(config)
+        code = jnp.asarray(run.vq_codebook(vparams, vcfg))
+        accs = {}
+        for t in (0, 80):
+            tt = jnp.full((64,), t)
+            x_t = model_lib.perturb(code[pairs["tokens"]], tt, jnp.asarray(pairs["noise"]))
+            _, logits = model_lib.DDModel(cfg).apply({"params": params}, x_t,
+                                                     jnp.asarray(pairs["labels"]), tt)
+            accs[t] = float((np.asarray(jnp.argmax(logits, -1)) == pairs["tokens"])[:, t:].mean())
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
+    print(f"overfit accuracy after 150 steps: {accs}; last logged {result['metrics']}")
+    assert accs[0] >= 0.99 and accs[80] >= 0.99, accs
+    assert meta["step"] == 150 and cfg.block_size == 100 and meta["model_config"]["codebook_dim"] == 8
+    # the logged values average the training batches of steps 101-150
+    assert result["metrics"]["acc_t80"] >= 0.95 and result["metrics"]["cont_acc_t0"] > 0.5
+    for k in ("lr", "l2_grads", "l2_params", "l2_updates", "examples_per_sec", "mse", "ce"):
+        assert np.isfinite(result["metrics"][k]), k
+    if train_lib.summaries_available():
+        scalars = read_scalars(result["log_dir"])
+        assert [s for s, _ in scalars["loss"]] == [50, 100, 150]
+        assert scalars["acc_t0"][-1][1] == pytest.approx(result["metrics"]["acc_t0"], rel=1e-6)
+
+
+def test_crash_and_resume_repeats_the_uninterrupted_run(pairs16, tmp_path, monkeypatch):
+    config = train_config(pairs16)
+    ref = train_lib.train(config, str(tmp_path / "ref"))
+    assert sorted(ref["losses"]) == list(range(1, 21)) and ref["latest_checkpoint"] == 20
+
+    crashed = str(tmp_path / "crashed")
+    batches = PairDataset.batches
+
+    def crash_before_step_14(self, *args, **kwargs):
+        for i, batch in enumerate(batches(self, *args, **kwargs)):
+            if kwargs["start_step"] + i == 13:
+                raise RuntimeError("simulated crash")
+            yield batch
+
+    monkeypatch.setattr(PairDataset, "batches", crash_before_step_14)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_lib.train(config, crashed)
+    monkeypatch.setattr(PairDataset, "batches", batches)
+    assert latest_step(crashed) == 10
+    resumed = train_lib.train(config, crashed)
+    assert resumed["start_step"] == 10 and sorted(resumed["losses"]) == list(range(11, 21))
+    np.testing.assert_allclose([resumed["losses"][s] for s in range(11, 21)],
+                               [ref["losses"][s] for s in range(11, 21)], rtol=0, atol=1e-6)
+    for ema in (False, True):
+        a = train_lib.load_student(str(tmp_path / "ref"), ema=ema)[1]
+        b = train_lib.load_student(crashed, ema=ema)[1]
+        jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
+    with open(os.path.join(crashed, "student", "ddjax.json")) as f:
+        meta = json.load(f)
+    assert meta["kind"] == "dd" and meta["model_config"]["gpt"]["block_size"] == 16
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(pairs16, tmp_path, monkeypatch):
+    config = train_config(pairs16, log_every=20, checkpoint_every=5)
+    batches = PairDataset.batches
+
+    def poison_step_13(self, *args, **kwargs):
+        for i, batch in enumerate(batches(self, *args, **kwargs)):
+            if kwargs["start_step"] + i == 12:  # the 13th update
+                batch = dict(batch, noise=np.full_like(batch["noise"], np.nan))
+            yield batch
+
+    monkeypatch.setattr(PairDataset, "batches", poison_step_13)
+    with pytest.raises(train_lib.NonFiniteError, match=r"loss = nan at step 13.*stays step 10"):
+        train_lib.train(config, str(tmp_path))
+    assert latest_step(str(tmp_path)) == 10  # the check before the step-15 save caught it
+    _, params, _ = train_lib.load_student(str(tmp_path), ema=False)
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_data_and_fsdp_steps_on_8_devices_equal_one_device():
+    out = run_on_8_devices("""
+        import sys; sys.path.insert(0, "configs")
+        import numpy as np
+        jax.config.update("jax_disable_most_optimizations", True)
+        import llamagen
+        from ddjax import run, sharding
+        from ddjax.student import optim, train as T
+
+        config = llamagen.get_config("tiny")
+        tc = config.train
+        tc.update(batch_size=16, warmup_steps=1)
+        config.teacher.model.n_layer = 1
+        tcfg = run.teacher_config(config)
+        code = np.random.default_rng(0).normal(size=(tcfg.vocab_size, 8)).astype(np.float32)
+        rng = np.random.default_rng(1)
+        batches = [{"noise": rng.normal(size=(16, 16, 8)).astype(np.float32),
+                    "tokens": rng.integers(0, tcfg.vocab_size, (16, 16)).astype(np.int32),
+                    "labels": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(2)]
+        runs = {}
+        for name, axes, mode, dtype in [("one", None, "data", "float32"),
+                                        ("data", {"data": -1}, "data", "float32"),
+                                        ("fsdp", {"data": 2, "fsdp": 4}, "fsdp", "float32"),
+                                        ("bf16", {"data": -1}, "data", "bfloat16")]:
+            mesh = sharding.make_mesh(axes, jax.devices()[:1] if axes is None else None)
+            mc = T.student_config(tcfg, 8, dtype)
+            tx, sched = optim.make_optimizer(tc)
+            init = T.make_init_fn(mc, tx)
+            abstract = jax.eval_shape(init, jax.random.PRNGKey(0), None)
+            sh = T.state_shardings(abstract, mesh, mode)
+            if name in ("one", "fsdp"):  # the sharded init; the others reuse its values
+                state = jax.jit(init, out_shardings=sh)(jax.random.PRNGKey(0), None)
+                host = jax.device_get(state) if name == "one" else host
+                if name == "fsdp":
+                    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state), host)
+            else:
+                state = jax.device_put(host, sh)
+            gather = sharding.replicated(mesh) if mode == "fsdp" else None
+            step = T.jit_train_step(T.make_train_step(mc, tx, sched, tc, code, gather), sh,
+                                    T.batch_shardings(mesh), mesh)
+            losses = []
+            for b in batches:
+                state, m = step(state, T.put_batch(b, T.batch_shardings(mesh)), jax.random.PRNGKey(1))
+                losses.append((float(m.loss.compute()), float(m.l2_grads.compute())))
+            runs[name] = (state, losses)
+            if name == "fsdp":
+                w1 = state["params"]["layers_0"]["feed_forward"]["w1"]["kernel"]  # [64, 256]
+                assert w1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp"), w1.sharding
+                assert w1.addressable_shards[0].data.shape == (64, w1.shape[1] // 4)
+                mu = state["opt_state"][1][0].mu["layers_0"]["feed_forward"]["w1"]["kernel"]
+                assert mu.sharding.spec == w1.sharding.spec
+        ref_state, ref_losses = runs["one"]
+        for name in ("data", "fsdp"):
+            state, losses = runs[name]
+            np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+            for key in ("params", "ema_params"):
+                jax.tree_util.tree_map(
+                    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5),
+                    state[key], ref_state[key])
+        state, losses = runs["bf16"]
+        assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state["params"]))
+        np.testing.assert_allclose(losses[0][0], ref_losses[0][0], rtol=2e-2)
+        print("8-device OK", ref_losses)
+    """)
+    assert "8-device OK" in out
