@@ -23,7 +23,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-learn>=1.4"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9",
+             "ipykernel>=6.29"],
     # Reading `.pt` pickles, exporting `.pt` files and the parity tests against PyTorch.
     "torch": ["torch>=2.1"],
 }
