@@ -1,0 +1,215 @@
+"""Tests of the one-token flow-matching map (ddjax.mapper.flow) against closed forms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from ddjax.mapper import flow
+
+
+def unit_codebook(rng: np.random.Generator, k: int, d: int = 8) -> np.ndarray:
+    c = rng.normal(size=(k, d))
+    return (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - np.max(z, axis=-1, keepdims=True)
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+def brute_logits(x, t, log_p, c):
+    """float64 log p_k - |x - (1 - t) c_k|^2 / (2 t^2) with an explicit [N, K, d] difference."""
+    t = np.broadcast_to(np.asarray(t, np.float64).reshape(-1, 1), (x.shape[0], 1))
+    diff = x[:, None, :].astype(np.float64) - (1 - t)[:, :, None] * c[None].astype(np.float64)
+    return log_p - np.sum(diff**2, axis=-1) / (2 * t**2)
+
+
+# --- closed forms -------------------------------------------------------------------------------
+
+
+def test_posterior_at_t1_is_p():
+    rng = np.random.default_rng(0)
+    c, x = unit_codebook(rng, 32), rng.normal(size=(5, 8)).astype(np.float32)
+    log_p = log_softmax(2 * rng.normal(size=(5, 32))).astype(np.float32)
+    w = jax.nn.softmax(flow.posterior_logits(x, 1.0, log_p, c), axis=-1)
+    np.testing.assert_allclose(w, np.exp(log_p), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("t", [0.9, 0.3, 0.05, "per_row"])
+def test_posterior_logits_closed_form(t):
+    rng = np.random.default_rng(1)
+    c = rng.normal(size=(64, 8)).astype(np.float32)  # not normalised: |c|^2 term matters
+    x = rng.normal(size=(6, 8)).astype(np.float32)
+    log_p = log_softmax(rng.normal(size=(6, 64))).astype(np.float32)
+    t = np.linspace(0.05, 1.0, 6, dtype=np.float32) if t == "per_row" else t
+    got = np.asarray(flow.posterior_logits(x, t, log_p, c))
+    want = brute_logits(x, t, log_p, c)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.max(np.abs(want)))
+
+
+def test_velocity_single_code_is_x_minus_c_over_t():
+    rng = np.random.default_rng(2)
+    c, x = rng.normal(size=(1, 8)).astype(np.float32), rng.normal(size=(7, 8)).astype(np.float32)
+    t = np.linspace(0.01, 1.0, 7, dtype=np.float32)
+    got = flow.velocity(x, t, np.zeros((7, 1), np.float32), c)
+    np.testing.assert_allclose(got, (x - c) / t[:, None], rtol=1e-5, atol=1e-5)
+
+
+def test_velocity_closed_form():
+    rng = np.random.default_rng(3)
+    c, x = unit_codebook(rng, 48), rng.normal(size=(9, 8)).astype(np.float32)
+    log_p = log_softmax(3 * rng.normal(size=(9, 48))).astype(np.float32)
+    for t in (1.0, 0.5, 0.1):
+        lg = brute_logits(x, t, log_p, c)
+        w = np.exp(lg - lg.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        want = np.einsum("nk,nkd->nd", w, (x[:, None, :] - c[None]) / t)
+        np.testing.assert_allclose(flow.velocity(x, t, log_p, c), want, rtol=1e-4, atol=1e-4)
+
+
+def test_removed_codes_get_zero_weight():
+    rng = np.random.default_rng(4)
+    c, x = unit_codebook(rng, 40), rng.normal(size=(6, 8)).astype(np.float32)
+    log_p = log_softmax(rng.normal(size=(6, 40))).astype(np.float32)
+    keep = rng.random(40) < 0.3
+    log_p[:, ~keep] = -np.inf
+    for t in (1.0, 0.4, 0.02):
+        lg = flow.posterior_logits(x, t, log_p, c)
+        w = np.asarray(jax.nn.softmax(lg, axis=-1))
+        assert np.all(np.isfinite(w)) and np.all(w[:, ~keep] == 0.0)
+        v = flow.velocity(x, t, log_p, c)
+        v_kept = flow.velocity(x, t, log_p[:, keep], c[keep])  # same flow without those codes
+        np.testing.assert_allclose(v, v_kept, rtol=1e-5, atol=1e-5)
+
+
+def test_snap_matches_brute_force():
+    rng = np.random.default_rng(5)
+    for k in (3, 50, 500):
+        c = rng.normal(size=(k, 8)).astype(np.float32)
+        x = rng.normal(size=(4, 25, 8)).astype(np.float32)
+        d2 = np.sum((x[..., None, :].astype(np.float64) - c) ** 2, axis=-1)
+        got = flow.snap(x, c)
+        assert got.shape == (4, 25) and got.dtype == jnp.int32
+        np.testing.assert_array_equal(got, np.argmin(d2, axis=-1))
+        log_p = np.where(rng.random((4, 25, k)) < 0.5, -np.inf, 0.0).astype(np.float32)
+        log_p[..., 0] = 0.0
+        want = np.argmin(np.where(np.isinf(log_p), np.inf, d2), axis=-1)
+        np.testing.assert_array_equal(flow.snap(x, c, log_p), want)
+        np.testing.assert_array_equal(flow.snap(x, c, log_p, chunk=16), want)
+
+
+def test_time_grids():
+    for schedule in flow.SCHEDULES:
+        ts = flow.time_grid(12, 1e-3, schedule)
+        assert ts.shape == (13,) and ts[0] == 1.0 and ts[-1] == np.float32(1e-3)
+        assert np.all(np.diff(ts) < 0)
+    steps = np.diff(flow.time_grid(12, 1e-3, "quadratic"))
+    assert abs(steps[-1]) < abs(steps[0])  # concentrates near t = 0
+
+
+# --- the map ------------------------------------------------------------------------------------
+
+
+def test_one_hot_p_returns_that_code_for_any_noise():
+    rng = np.random.default_rng(6)
+    c = unit_codebook(rng, 300)
+    c[8] = c[7]  # a duplicated code must not steal the token
+    noise = (rng.normal(size=(512, 8)) * rng.choice([0.1, 1.0, 10.0], size=(512, 1))).astype(
+        np.float32
+    )
+    for j in (0, 8, 299):
+        p = np.zeros((512, 300), np.float32)
+        p[:, j] = 1.0
+        with np.errstate(divide="ignore"):
+            log_p = np.log(p)
+        np.testing.assert_array_equal(flow.map_token(noise, log_p, c), np.full(512, j))
+    # ending at t = 0 exactly: the last (Euler) step lands on the code itself
+    x0 = flow.integrate(noise[:8], log_p[:8], c, t_min=0.0, schedule="linear")
+    np.testing.assert_allclose(x0, np.broadcast_to(c[299], (8, 8)), atol=1e-5)
+
+
+def distribution_cases():
+    rng = np.random.default_rng(7)
+    tail = 1.0 / np.arange(1, 256) ** 1.1  # one code with 0.95, a long tail with the rest
+    peaked = np.concatenate([[0.95], 0.05 * tail / tail.sum()])
+    lognormal = log_softmax(3 * rng.normal(size=1024))  # like LlamaGen's logits
+    top50 = lognormal.copy()
+    top50[np.argsort(top50)[:-50]] = -np.inf  # top-k 50: 974 removed codes
+    return {
+        "K16": log_softmax(1.5 * rng.normal(size=16)),
+        "K256_peaked": np.log(rng.permutation(peaked)),
+        "K1024": lognormal,
+        "K1024_top50": log_softmax(top50),
+    }
+
+
+def chisquare_pvalue(counts: np.ndarray, p: np.ndarray) -> float:
+    """Chi-square goodness of fit, bins with expected count < 5 pooled into one."""
+    expected = p * counts.sum()
+    small = expected < 5
+    obs, exp = list(counts[~small]), list(expected[~small])
+    if small.any():
+        obs.append(counts[small].sum())
+        exp.append(expected[small].sum())
+    obs, exp = np.array(obs, np.float64), np.array(exp, np.float64)
+    return float(stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+
+
+@pytest.mark.parametrize("case", ["K16", "K256_peaked", "K1024", "K1024_top50"])
+def test_map_pushes_noise_to_p(case):
+    log_p = distribution_cases()[case]
+    k, n = log_p.shape[0], 20_000
+    rng = np.random.default_rng(8)
+    c = unit_codebook(rng, k)
+    noise = rng.normal(size=(n, 8)).astype(np.float32)
+    ids = flow.map_token(noise, np.broadcast_to(log_p.astype(np.float32), (n, k)), c)
+    counts = np.bincount(np.asarray(ids), minlength=k)
+    p = np.exp(log_p)
+    assert counts[p == 0].sum() == 0  # never a removed code
+    keep = p > 0
+    assert chisquare_pvalue(counts[keep], p[keep]) > 1e-3
+    # the same test has power: it rejects p with its largest and 5th largest entries swapped
+    # (0.077 <-> 0.036 for K1024) and a tempered p (temperature 1.25)
+    first, fifth = np.argsort(-p)[[0, 4]]
+    swapped = p.copy()
+    swapped[[first, fifth]] = p[[fifth, first]]
+    tempered = np.exp(log_softmax(np.where(keep, log_p, -np.inf) / 1.25))
+    for wrong in (swapped, tempered):
+        assert chisquare_pvalue(counts[keep], wrong[keep]) < 1e-6
+
+
+def test_batch_independence_and_jit():
+    rng = np.random.default_rng(9)
+    k, n = 1024, 1000
+    c = unit_codebook(rng, k)
+    log_p = log_softmax(3 * rng.normal(size=(n, k))).astype(np.float32)
+    noise = rng.normal(size=(n, 8)).astype(np.float32)
+    settings = flow.FlowSettings()
+    mapped = jax.jit(lambda e, lp: flow.map_token(e, lp, c, settings))
+    ids = np.asarray(mapped(noise, log_p))
+    # floats too are bit-identical whatever the batch size (same compilation mode)
+    integrated = jax.jit(lambda e, lp, cb: flow.integrate(e, lp, cb, settings))
+    x = np.asarray(integrated(noise, log_p, c))
+    for lo, hi in ((0, 1), (17, 18), (999, 1000), (100, 107), (993, 1000), (300, 364)):
+        np.testing.assert_array_equal(mapped(noise[lo:hi], log_p[lo:hi]), ids[lo:hi])
+        np.testing.assert_array_equal(integrated(noise[lo:hi], log_p[lo:hi], c), x[lo:hi])
+    # without jit: same tokens (the last float bits may differ: XLA folds a closed-over
+    # codebook as a constant under jit)
+    np.testing.assert_array_equal(flow.map_token(noise, log_p, c, settings), ids)
+
+
+def test_support_pruning_is_exact_under_top_k():
+    rng = np.random.default_rng(10)
+    k, n = 4096, 2000
+    c = unit_codebook(rng, k)
+    logits = 3 * rng.normal(size=(n, k))
+    kth = np.sort(logits, axis=-1)[:, -300][:, None]
+    log_p = log_softmax(np.where(logits >= kth, logits, -np.inf)).astype(np.float32)
+    noise = rng.normal(size=(n, 8)).astype(np.float32)
+    full = flow.map_token(noise, log_p, c, flow.FlowSettings(support_k=None))
+    pruned = flow.map_token(noise, log_p, c, flow.FlowSettings(support_k=512))
+    np.testing.assert_array_equal(pruned, full)
