@@ -1,6 +1,9 @@
 r"""ddjax on LlamaGen class-conditional teachers.
 
 Presets (the part after ':'):
+  digits       (default) the embedded demo: a small LlamaGen-architecture VQ + GPT trained on
+               scikit-learn's digits, shipped in ddjax/assets/digits; `mode=all` distils it on
+               the CPU in minutes (`assets=DIR` points at a retrained copy, see configs/digits.py)
   tiny         a tiny randomly initialised teacher and VQ (CPU, seconds; tests and smoke runs)
   B, L         LlamaGen GPT-B / GPT-L, 256 px, VQ-16 (official checkpoints c2i_B_256.pt, ...)
   XL, XXL      GPT-XL / GPT-XXL, 384 px (576 tokens)
@@ -16,6 +19,7 @@ Launch:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -33,11 +37,63 @@ PRESETS = {
     "XXXL": ("GPT-XXXL", 384, 130, "c2i_3B_384.pt"),
 }
 _none = mlc.config_dict.placeholder
+
+
+def _flow_defaults() -> dict:
+    """ddjax.mapper.flow.FlowSettings' measured defaults (RK4, 20 quadratic steps, late pruning)."""
+    import dataclasses  # noqa: PLC0415
+
+    from ddjax.mapper.flow import FlowSettings  # noqa: PLC0415
+
+    out = dataclasses.asdict(FlowSettings())
+    for k, typ in (("support_k", int), ("prune_t", float)):
+        if out[k] is None:
+            out[k] = _none(typ)
+    return out
+
+
+def _digits_assets() -> str:
+    import ddjax  # noqa: PLC0415
+
+    return os.path.join(os.path.dirname(os.path.abspath(ddjax.__file__)), "assets", "digits")
+
+
+def _digits_preset(c: mlc.ConfigDict, assets: str, small: bool = False) -> None:
+    """The embedded demo: the shipped digits teacher and a recipe that runs in minutes on 2 cores
+    (`size=small`: a much shorter run of the same pipeline, for CI)."""
+    meta_path = os.path.join(assets, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"digits teacher not found: {meta_path} (train one with configs/digits.py)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    c.teacher.variant = meta["gpt"]["variant"]
+    c.teacher.checkpoint = os.path.join(assets, meta["gpt"].get("file", "gpt.safetensors"))
+    c.teacher.model.update({k: v for k, v in meta["gpt"]["model"].items()})
+    c.vq.variant = meta["vq"]["variant"]
+    c.vq.checkpoint = os.path.join(assets, meta["vq"].get("file", "vq.safetensors"))
+    c.vq.model.update({k: tuple(v) if isinstance(v, list) else v for k, v in meta["vq"]["model"].items()})
+    c.vq.image_size = meta["image_size"]
+    c.sampling.update(meta["sampling"])
+    c.sampling.update(batch_size=50, num_images=100, labels="0,1,2,3,4,5,6,7,8,9")
+    c.data.update(num_pairs=8192, shard_size=1024, batch_size=256)
+    c.train.update(t_list=(0, 20), t_weights=(1.0, 1.0), batch_size=64, num_steps=3000, lr=1e-3,
+                   warmup_steps=200, min_lr_ratio=0.05, weight_decay=0.01, ema_decay=0.999,
+                   log_every=100, checkpoint_every=500, keep_checkpoints=2)
+    c.dd.update(t_list=(0, 20), split_t=64, teacher_start=10, num_images=100, batch_size=100)
+    classifier = os.path.join(assets, "classifier.npz")
+    c.eval.update(num_samples=1000, batch_size=250, extractor="digits", reference="digits",
+                  extractor_weights=classifier if os.path.exists(classifier) else "", grid_size=100)
+    if small:
+        c.data.update(num_pairs=1024, shard_size=512, batch_size=128)
+        c.train.update(num_steps=150, warmup_steps=20, batch_size=32, log_every=50, checkpoint_every=150)
+        c.dd.update(num_images=20, batch_size=20)
+        c.eval.update(num_samples=200, batch_size=100, grid_size=25)
 MODES = ("info", "sample_teacher", "generate", "train", "sample", "evaluate", "all")
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    a = parse_arg(arg, preset="tiny", mode="sample_teacher", ckpt_dir="checkpoints")
+    a = parse_arg(arg, preset="digits", mode="all", ckpt_dir="checkpoints", assets=_digits_assets(),
+                  size="full")
     c = mlc.ConfigDict()
     c.preset = a["preset"]
     c.mode = a["mode"]
@@ -86,10 +142,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.sampling.labels = _none(str)  # e.g. "207,360,387"; None = random classes
 
     # The flow-matching map (one token): see experiments/flow_solver/README.md for the defaults.
-    c.flow = mlc.ConfigDict({
-        "solver": "heun", "num_steps": 16, "t_min": 1e-3, "schedule": "quadratic",
-        "support_k": _none(int), "prune_t": _none(float), "prune_k": 64, "chunk": 64,
-    })
+    c.flow = mlc.ConfigDict(_flow_defaults())
 
     # The noise -> token pair dataset (mode=generate).
     c.data = mlc.ConfigDict()
@@ -145,7 +198,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.train.shuffle_window = 16  # shards shuffled together
 
     preset = a["preset"]
-    if preset == "tiny":
+    if preset == "digits":
+        _digits_preset(c, a["assets"], small=a["size"] == "small")
+    elif preset == "tiny":
         c.teacher.random_init = True
         c.vq.random_init = True
         c.teacher.model.update(vocab_size=64, block_size=16, num_classes=10, n_layer=2, dim=64,
@@ -168,7 +223,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.teacher.model.block_size = (image_size // 16) ** 2
         c.dd.split_t = split_t
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose 'tiny' or one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; choose 'digits', 'tiny' or one of {sorted(PRESETS)}")
     if c.mode not in MODES:
         raise ValueError(f"unknown mode {c.mode!r}; choose one of {MODES}")
     return c

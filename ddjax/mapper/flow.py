@@ -62,7 +62,7 @@ class FlowSettings:
     support_k: int | None = None
     prune_t: float | None = 0.1
     prune_k: int = 64
-    chunk: int | None = 64
+    chunk: int | None = 8  # small: a batch smaller than the chunk maps padding rows
 
 
 def time_grid(num_steps: int, t_min: float, schedule: str = "linear") -> np.ndarray:
