@@ -187,7 +187,7 @@ def mode_evaluate(config: Any, workdir: str) -> dict:
         images = np.concatenate([latents_to_images(vparams, vcfg, jnp.asarray(latents[i:i + 256]))
                                  for i in range(0, n, 256)])
         feats[name] = extractor(images)
-        save_grid(os.path.join(out_dir, f"{_slug(name)}.png"), images[: config.eval.grid_size],
+        save_grid(os.path.join(out_dir, f"{slug(name)}.png"), images[: config.eval.grid_size],
                   nrow=int(math.sqrt(config.eval.grid_size)), scale=max(1, 64 // images.shape[1]))
         results[name] = {"steps": m["steps"], "latency_s": sec}
     ref = reference_features(config, extractor, vcfg.downsample_factor * tcfg.grid_size)
@@ -224,7 +224,7 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     return float(fid(a, b))
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
 
 
@@ -269,7 +269,7 @@ def write_report(config: Any, workdir: str, out_dir: str, results: dict) -> str:
         "",
         f"![quality vs steps]({os.path.basename(plot)})",
         "",
-        *[f"### {name}\n\n![{name}]({_slug(name)}.png)\n" for name in results],
+        *[f"### {name}\n\n![{name}]({slug(name)}.png)\n" for name in results],
     ]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
@@ -342,9 +342,9 @@ def mode_sample(config: Any, workdir: str) -> dict:
             continue
         latents, sec = _batched(m["fn"], noise, labels, min(config.dd.batch_size, n))
         images = latents_to_images(vparams, vcfg, jnp.asarray(latents))
-        path = save_grid(os.path.join(workdir, f"samples_{_slug(name)}.png"), images,
+        path = save_grid(os.path.join(workdir, f"samples_{slug(name)}.png"), images,
                          scale=max(1, 64 // images.shape[1]))
-        np.savez(os.path.join(workdir, f"samples_{_slug(name)}.npz"), latents=latents, labels=labels)
+        np.savez(os.path.join(workdir, f"samples_{slug(name)}.npz"), latents=latents, labels=labels)
         logging.info("%s: %d images, %.2f ms/image -> %s", name, n, 1e3 * sec, path)
         out[name] = path
     return out

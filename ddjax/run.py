@@ -194,9 +194,13 @@ MODES = {
 
 def _pipeline_modes() -> dict:
     from ddjax import pipeline  # noqa: PLC0415
+    from ddjax.teacher import train as teacher_train  # noqa: PLC0415
 
     return {"train": pipeline.mode_train, "sample": pipeline.mode_sample,
-            "evaluate": pipeline.mode_evaluate, "all": pipeline.mode_all}
+            "evaluate": pipeline.mode_evaluate, "all": pipeline.mode_all,
+            # training the digits teacher (configs/digits.py)
+            "train_vq": teacher_train.train_vq, "train_teacher": teacher_train.train_teacher,
+            "evaluate_vq": teacher_train.evaluate_vq, "evaluate_teacher": teacher_train.evaluate_teacher}
 
 
 def run(config: Any, workdir: str) -> Any:

@@ -1,0 +1,41 @@
+"""The main job on a much smaller run of the embedded digits demo: the report and its claims."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import llamagen
+import pytest
+
+from ddjax import run
+from ddjax.pipeline import slug
+from ddjax.teacher.train import digits_teacher_paths
+
+pytestmark = pytest.mark.skipif(not os.path.exists(digits_teacher_paths()["gpt"]),
+                                reason="the shipped digits teacher is missing")
+
+
+def test_small_demo_pipeline_writes_the_report_and_beats_the_baseline(tmp_path):
+    config = llamagen.get_config("digits,size=small")
+    result = run.run(config, str(tmp_path))
+    report_dir = tmp_path / "report"
+    text = (report_dir / "report.md").read_text()
+    assert "| method | steps | latency / image (ms) | speed-up | FID vs data | FID vs teacher |" in text
+    results = json.loads((report_dir / "results.json").read_text())
+    names = ["teacher", "DD 1-step", "DD 2-step", "teacher-involved", "onestep*"]
+    assert list(results) == names
+    for name in names:
+        assert f"| {name} |" in text
+        assert (report_dir / f"{slug(name)}.png").exists(), name
+        r = results[name]
+        assert r["fid"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["latency_s"] > 0
+    assert (report_dir / "quality_vs_steps.png").exists()
+    assert results["teacher"]["token_agreement"] == 1.0
+    assert results["DD 1-step"]["steps"] == 1 and results["teacher"]["steps"] == 64
+    # even a short distillation beats the best sampler that ignores token dependencies
+    assert results["DD 1-step"]["fid"] < results["onestep*"]["fid"], results
+    assert result["report"].endswith("report.md")
+    # a rerun skips the finished stages and rewrites the report
+    again = run.run(config, str(tmp_path))
+    assert again["results"]["teacher"]["fid"] == pytest.approx(results["teacher"]["fid"], rel=1e-6)
