@@ -36,7 +36,8 @@ def random_like(params, seed=0, std=0.02):
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     return jax.tree_util.tree_unflatten(
-        tree, [(jax.random.normal(k, x.shape, jnp.float32) * std).astype(x.dtype) for k, x in zip(keys, leaves)])
+        tree, [(jax.random.normal(k, x.shape, jnp.float32) * std).astype(x.dtype)
+               for k, x in zip(keys, leaves)])
 
 
 def student_flops(cfg, d: int) -> float:
@@ -63,7 +64,8 @@ def main(argv=None):
         else dict(vocab_size=16384, block_size=256, num_classes=1000)
     d = 8
     print_environment()
-    peaks = {dt: matmul_peak(getattr(jnp, dt), n=512 if args.small else 2048) for dt in args.dtypes.split(",")}
+    peaks = {dt: matmul_peak(getattr(jnp, dt), n=512 if args.small else 2048)
+             for dt in args.dtypes.split(",")}
     for dt, v in peaks.items():
         print(f"# measured matmul peak {dt}: {v:.1f} GFLOP/s")
     rows = []

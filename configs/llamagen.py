@@ -88,8 +88,8 @@ def _digits_preset(c: mlc.ConfigDict, assets: str, small: bool = False) -> None:
         c.train.update(num_steps=150, warmup_steps=20, batch_size=32, log_every=50, checkpoint_every=150)
         c.dd.update(num_images=20, batch_size=20)
         c.eval.update(num_samples=200, batch_size=100, grid_size=25)
-MODES = ("info", "sample_teacher", "generate", "train", "sample", "evaluate", "all", "train_vq", "train_teacher",
-         "evaluate_vq", "evaluate_teacher")
+MODES = ("info", "sample_teacher", "generate", "train", "sample", "evaluate", "all", "train_vq",
+         "train_teacher", "evaluate_vq", "evaluate_teacher")
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
