@@ -58,6 +58,16 @@ def batch_size_per_step(mesh: Mesh | None) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
 
 
+def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A global host batch array -> a device array split over the batch axes; with several
+    processes each contributes its own slice of the leading dim."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    per = x.shape[0] // jax.process_count()
+    local = x[jax.process_index() * per:(jax.process_index() + 1) * per]
+    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+
 def shard_batch(tree: Any, mesh: Mesh | None) -> Any:
     """Places a host pytree with a leading batch dim onto the mesh, split over the batch axes."""
     if mesh is None:

@@ -274,15 +274,6 @@ class PairDataset:
 
 
 def _place(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
-    from ddjax.sharding import batch_sharding  # noqa: PLC0415
+    from ddjax.sharding import batch_sharding, put_global  # noqa: PLC0415
 
-    out = {}
-    for k, v in batch.items():
-        sh = batch_sharding(mesh, v.ndim)
-        if jax.process_count() == 1:
-            out[k] = jax.device_put(v, sh)
-        else:
-            per = v.shape[0] // jax.process_count()
-            local = v[jax.process_index() * per:(jax.process_index() + 1) * per]
-            out[k] = jax.make_array_from_process_local_data(sh, local, v.shape)
-    return out
+    return {k: put_global(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}

@@ -199,19 +199,9 @@ def batch_shardings(mesh: Any) -> dict[str, NamedSharding]:
 
 def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
     """A global host batch -> device arrays split over the batch axes (each process its slice)."""
-    out = {}
-    for k, sh in shardings.items():
-        v = batch[k]
-        if jax.process_count() == 1:
-            out[k] = jax.device_put(v, sh)
-        else:
-            per = v.shape[0] // jax.process_count()
-            local = v[jax.process_index() * per:(jax.process_index() + 1) * per]
-            out[k] = jax.make_array_from_process_local_data(sh, local, v.shape)
-    return out
+    return {k: sharding_lib.put_global(batch[k], sh) for k, sh in shardings.items()}
 
 
-# -- state and the update step ----------------------------------------------------------------
 def make_init_fn(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformation):
     """init(rng, teacher_params | None) -> state {step, params, ema_params, opt_state}."""
 
