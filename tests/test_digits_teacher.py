@@ -108,6 +108,9 @@ def test_train_smoke(tmp_path):
     assert np.isfinite(out["val_nll"]) and out["val_nll"] < 10
     with open(tmp_path / "meta.json") as f:
         meta = json.load(f)
+    samples = meta["samples"]
+    assert np.isfinite(samples["fid_vs_data"]) and "digits-classifier" in samples["fid_protocol"]
+    assert [r["cfg_scale"] for r in samples["cfg_sweep"]] == list(cfg.train_teacher.cfg_sweep)
     vcfg = vq_lib.vq_config(meta["vq"]["variant"], **meta["vq"]["model"])
     gcfg = gpt_lib.gpt_config(meta["gpt"]["variant"], **meta["gpt"]["model"])
     load_vq(str(tmp_path / "vq.safetensors"), vcfg)

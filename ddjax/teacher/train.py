@@ -594,15 +594,31 @@ def evaluate_teacher(config: Any, workdir: str, *, vq_path: str | None = None, p
     images, _ = sample_images(params, gcfg, vq_params, vcfg, labels,
                               jax.random.PRNGKey(tc.sample_seed), settings)
     sample_seconds = time.time() - t0
-    pred = classify_digits(digits_classifier(), images)
+    svc = digits_classifier()
+    pred = classify_digits(svc, images)
     acc = float((pred == labels).mean())
+    fid_of, fid_protocol = _digits_fid(int(config.data.image_size))
+    fid = fid_of(images)
     per_class_acc = [round(float((pred[labels == c] == c).mean()), 4) for c in range(gcfg.num_classes)]
     show = np.concatenate([images[labels == c][:10] for c in range(gcfg.num_classes)])
     png = save_grid(os.path.join(workdir, "teacher_samples.png"), show, nrow=min(10, per_class), scale=2)
     samples = {"class_accuracy": acc, "per_class_accuracy": per_class_acc,
                "num_samples": int(len(labels)), "seed": int(tc.sample_seed),
                "classifier": "RBF-SVC on 8x8 average-pooled digits (digits_classifier)",
+               "fid_vs_data": fid, "fid_protocol": fid_protocol,
                "seconds": round(sample_seconds, 1)}
+    sweep = []
+    for cfg_scale in tuple(tc.get("cfg_sweep", ())):
+        s_i = dataclasses.replace(settings, cfg_scale=float(cfg_scale))
+        imgs, _ = sample_images(params, gcfg, vq_params, vcfg, labels,
+                                jax.random.PRNGKey(tc.sample_seed), s_i)
+        row = {"cfg_scale": float(cfg_scale), "fid_vs_data": fid_of(imgs),
+               "class_accuracy": float((classify_digits(svc, imgs) == labels).mean())}
+        logging.info("evaluate_teacher: cfg_scale %.2f -> FID %.2f, class accuracy %.3f", cfg_scale,
+                     row["fid_vs_data"], row["class_accuracy"])
+        sweep.append(row)
+    if sweep:
+        samples["cfg_sweep"] = sweep
     vq_m: dict[str, Any] = {}
     vq_metrics_path = os.path.join(os.path.dirname(os.path.abspath(vq_path)), "vq_metrics.json")
     if os.path.exists(vq_metrics_path):
@@ -635,9 +651,26 @@ def evaluate_teacher(config: Any, workdir: str, *, vq_path: str | None = None, p
         "train_teacher": dict(tc),
     }
     _write_json(os.path.join(workdir, "meta.json"), json.loads(json.dumps(meta, default=_json_default)))
-    logging.info("evaluate_teacher: val NLL %.4f nats/token (train %.4f), sample class accuracy %.3f "
-                 "(%d samples) at %s", val_nll, train_nll, acc, len(labels), settings)
+    logging.info("evaluate_teacher: val NLL %.4f nats/token (train %.4f), sample class accuracy %.3f, "
+                 "FID %.2f (%d samples) at %s", val_nll, train_nll, acc, fid, len(labels), settings)
     return out
+
+
+def _digits_fid(image_size: int) -> tuple[Callable[[np.ndarray], float], str]:
+    """(fid, protocol): fid(images [N, H, W, 3] in [-1, 1]) is the FID against all 1797 digits on
+    the digits classifier's features, the demo's FID protocol."""
+    from ddjax.evaluate.digits import digits_images  # noqa: PLC0415
+    from ddjax.evaluate.features import get_extractor  # noqa: PLC0415
+    from ddjax.evaluate.fid import fid_from_features  # noqa: PLC0415
+
+    extractor = get_extractor("digits")
+    ref = extractor(digits_images(size=image_size)[0])
+
+    def fid(images: np.ndarray) -> float:
+        # clamped as LlamaGen clamps decoded samples (and as the demo's report does)
+        return float(fid_from_features(extractor(np.clip(images, -1.0, 1.0)), ref))
+
+    return fid, extractor.protocol
 
 
 def _json_default(x: Any) -> Any:
