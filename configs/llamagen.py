@@ -76,7 +76,7 @@ def _digits_preset(c: mlc.ConfigDict, assets: str, small: bool = False) -> None:
     c.sampling.update(meta["sampling"])
     c.sampling.update(batch_size=50, num_images=100, labels="0,1,2,3,4,5,6,7,8,9")
     c.data.update(num_pairs=8192, shard_size=1024, batch_size=256)
-    c.train.update(t_list=(0, 20), t_weights=(1.0, 1.0), batch_size=64, num_steps=1200, lr=1e-3,
+    c.train.update(t_list=(0, 20), t_weights=(1.0, 1.0), batch_size=64, num_steps=1200, lr=2e-3,
                    warmup_steps=100, min_lr_ratio=0.05, weight_decay=0.01, ema_decay=0.999,
                    log_every=100, checkpoint_every=500, keep_checkpoints=2)
     c.dd.update(t_list=(0, 20), split_t=64, teacher_start=10, num_images=100, batch_size=100)
@@ -85,7 +85,8 @@ def _digits_preset(c: mlc.ConfigDict, assets: str, small: bool = False) -> None:
                   extractor_weights=classifier if os.path.exists(classifier) else "", grid_size=100)
     if small:
         c.data.update(num_pairs=1024, shard_size=512, batch_size=128)
-        c.train.update(num_steps=150, warmup_steps=20, batch_size=32, log_every=50, checkpoint_every=150)
+        c.train.update(num_steps=400, lr=2e-3, warmup_steps=20, batch_size=32, log_every=100,
+                       checkpoint_every=200)
         c.dd.update(num_images=20, batch_size=20)
         c.eval.update(num_samples=200, batch_size=100, grid_size=25)
 MODES = ("info", "sample_teacher", "generate", "train", "sample", "evaluate", "all", "train_vq",
