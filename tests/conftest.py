@@ -11,6 +11,18 @@ import pytest
 # Tiny models: compile time dominates, so trade run-time optimisation for faster compiles.
 jax.config.update("jax_disable_most_optimizations", True)
 
+
+
+@pytest.fixture
+def optimised_xla():
+    """XLA optimisations on for one test that trains for real (run time, not compile time,
+    dominates there), then back to the suite's setting."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 sys.path.insert(0, os.path.join(ROOT, "configs"))

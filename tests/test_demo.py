@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import llamagen
 import pytest
 
@@ -13,18 +12,10 @@ from ddjax import run
 from ddjax.pipeline import slug
 from ddjax.teacher.train import digits_teacher_paths
 
-pytestmark = pytest.mark.skipif(not os.path.exists(digits_teacher_paths()["gpt"]),
-                                reason="the shipped digits teacher is missing")
-
-
-@pytest.fixture(autouse=True)
-def _optimised_xla():
-    """This test trains and samples for real: XLA's optimisations pay for themselves here (about
-    half the run time), unlike in the compile-bound tiny-model tests (tests/conftest.py)."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+# This test trains and samples for real: XLA's optimisations halve its run time.
+pytestmark = [pytest.mark.skipif(not os.path.exists(digits_teacher_paths()["gpt"]),
+                                 reason="the shipped digits teacher is missing"),
+              pytest.mark.usefixtures("optimised_xla")]
 
 
 def test_small_demo_pipeline_writes_the_report_and_beats_the_baseline(tmp_path):

@@ -127,32 +127,28 @@ def test_clear_errors(tmp_path):
 
 
 # -- the loop -------------------------------------------------------------------------------
-def test_overfits_64_pairs_at_t0_and_t80(tmp_path):
+def test_overfits_64_pairs_at_t0_and_t80(tmp_path, optimised_xla):  # 150 steps: run time dominates
     """10x10 tokens, t_list (0, 80): the logits head reaches >= 99% on 64 pairs at both t."""
-    jax.config.update("jax_disable_most_optimizations", False)  # 150 steps: run time dominates
-    try:
-        config = tiny_config(t_list=(0, 80), batch_size=16, num_steps=150, lr=1e-2, warmup_steps=10,
-                             log_every=50, checkpoint_every=150, ema_decay=0.99)
-        config.teacher.model.block_size = 100
-        config.teacher.model.multiple_of = 32
-        config.data.update(num_pairs=64, shard_size=64, batch_size=64)
-        workdir = str(tmp_path)
-        run.run(config, workdir)
-        config.mode = "train"
-        result = train_lib.train(config, workdir)
-        cfg, params, meta = train_lib.load_student(workdir, ema=False)
-        pairs = PairDataset(run.pairs_dir(config, workdir)).load_all()
-        vcfg, vparams = run.load_vq(config)
-        code = jnp.asarray(run.vq_codebook(vparams, vcfg))
-        accs = {}
-        for t in (0, 80):
-            tt = jnp.full((64,), t)
-            x_t = model_lib.perturb(code[pairs["tokens"]], tt, jnp.asarray(pairs["noise"]))
-            _, logits = model_lib.DDModel(cfg).apply({"params": params}, x_t,
-                                                     jnp.asarray(pairs["labels"]), tt)
-            accs[t] = float((np.asarray(jnp.argmax(logits, -1)) == pairs["tokens"])[:, t:].mean())
-    finally:
-        jax.config.update("jax_disable_most_optimizations", True)
+    config = tiny_config(t_list=(0, 80), batch_size=16, num_steps=150, lr=1e-2, warmup_steps=10,
+                         log_every=50, checkpoint_every=150, ema_decay=0.99)
+    config.teacher.model.block_size = 100
+    config.teacher.model.multiple_of = 32
+    config.data.update(num_pairs=64, shard_size=64, batch_size=64)
+    workdir = str(tmp_path)
+    run.run(config, workdir)
+    config.mode = "train"
+    result = train_lib.train(config, workdir)
+    cfg, params, meta = train_lib.load_student(workdir, ema=False)
+    pairs = PairDataset(run.pairs_dir(config, workdir)).load_all()
+    vcfg, vparams = run.load_vq(config)
+    code = jnp.asarray(run.vq_codebook(vparams, vcfg))
+    accs = {}
+    for t in (0, 80):
+        tt = jnp.full((64,), t)
+        x_t = model_lib.perturb(code[pairs["tokens"]], tt, jnp.asarray(pairs["noise"]))
+        _, logits = model_lib.DDModel(cfg).apply({"params": params}, x_t,
+                                                 jnp.asarray(pairs["labels"]), tt)
+        accs[t] = float((np.asarray(jnp.argmax(logits, -1)) == pairs["tokens"])[:, t:].mean())
     print(f"overfit accuracy after 150 steps: {accs}; last logged {result['metrics']}")
     assert accs[0] >= 0.99 and accs[80] >= 0.99, accs
     assert meta["step"] == 150 and cfg.block_size == 100 and meta["model_config"]["codebook_dim"] == 8

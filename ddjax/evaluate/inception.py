@@ -344,13 +344,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
         return dict(load_file(path))
     if ext in (".pth", ".pt", ".bin"):
-        try:
-            import torch
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                f"reading {path} needs PyTorch (pip install 'ddjax[torch]'); or convert it once "
-                "to .npz / .safetensors elsewhere"
-            ) from e
+        from ddjax.convert.torch_io import _require_torch  # noqa: PLC0415
+
+        torch = _require_torch(f"reading {path}")
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, Mapping) and "state_dict" in obj:
             obj = obj["state_dict"]

@@ -198,6 +198,16 @@ def _decay_mask(params: Params) -> Params:
     return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
 
 
+def _optimizer(tc: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(clip + AdamW chain, lr schedule) from a train_vq / train_teacher block."""
+    sched = _schedule(tc.lr, tc.warmup_steps, tc.num_steps, tc.min_lr_ratio)
+    tx = optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip else optax.identity(),
+        optax.adamw(sched, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=_decay_mask),
+    )
+    return tx, sched
+
+
 def _export_dtype(config: Any) -> str:
     return config.get("export_dtype", "float32")
 
@@ -301,11 +311,7 @@ def train_vq(config: Any, workdir: str) -> dict[str, Any]:
     params = jax.jit(lambda k: vq_lib.init_params(cfg, k, size))(init_key)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     logging.info("VQ parameters: %d", n_params)
-    sched = _schedule(tc.lr, tc.warmup_steps, tc.num_steps, tc.min_lr_ratio)
-    tx = optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip else optax.identity(),
-        optax.adamw(sched, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=_decay_mask),
-    )
+    tx, sched = _optimizer(tc)
     opt_state = tx.init(params)
     k = cfg.codebook_size
 
@@ -504,11 +510,7 @@ def train_teacher(config: Any, workdir: str) -> dict[str, Any]:
     params = jax.jit(lambda k: gpt_lib.init_params(gcfg, k))(init_key)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     logging.info("GPT parameters: %d", n_params)
-    sched = _schedule(tc.lr, tc.warmup_steps, tc.num_steps, tc.min_lr_ratio)
-    tx = optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip else optax.identity(),
-        optax.adamw(sched, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=_decay_mask),
-    )
+    tx, sched = _optimizer(tc)
     opt_state = tx.init(params)
     ema = params if tc.ema_decay else None
 
@@ -609,11 +611,14 @@ def evaluate_teacher(config: Any, workdir: str, *, vq_path: str | None = None, p
                "seconds": round(sample_seconds, 1)}
     sweep = []
     for cfg_scale in tuple(tc.get("cfg_sweep", ())):
-        s_i = dataclasses.replace(settings, cfg_scale=float(cfg_scale))
-        imgs, _ = sample_images(params, gcfg, vq_params, vcfg, labels,
-                                jax.random.PRNGKey(tc.sample_seed), s_i)
-        row = {"cfg_scale": float(cfg_scale), "fid_vs_data": fid_of(imgs),
-               "class_accuracy": float((classify_digits(svc, imgs) == labels).mean())}
+        if float(cfg_scale) == settings.cfg_scale:  # same labels and seed: the samples above
+            row = {"cfg_scale": float(cfg_scale), "fid_vs_data": fid, "class_accuracy": acc}
+        else:
+            s_i = dataclasses.replace(settings, cfg_scale=float(cfg_scale))
+            imgs, _ = sample_images(params, gcfg, vq_params, vcfg, labels,
+                                    jax.random.PRNGKey(tc.sample_seed), s_i)
+            row = {"cfg_scale": float(cfg_scale), "fid_vs_data": fid_of(imgs),
+                   "class_accuracy": float((classify_digits(svc, imgs) == labels).mean())}
         logging.info("evaluate_teacher: cfg_scale %.2f -> FID %.2f, class accuracy %.3f", cfg_scale,
                      row["fid_vs_data"], row["class_accuracy"])
         sweep.append(row)
