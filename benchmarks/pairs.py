@@ -5,7 +5,7 @@ sampling in the same compiled loop (target: <= 15%), measured in one run.
     python benchmarks/pairs.py --tokens 256 --batch 8
     python benchmarks/pairs.py --small            # tiny model smoke run
 
-Both paths run `ddjax.teacher.sampling.sample` with the same teacher, batch and settings; the
+Both paths run `ddjax.teacher.llamagen.sampling.sample` with the same teacher, batch and settings; the
 map replaces the multinomial draw by the one-token flow map (default FlowSettings) and reads
 the noise. Random weights; K = 16384 codes of dimension 8 (L2-normalised).
 """
@@ -25,8 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks._common import interleaved, print_environment, table  # noqa: E402
 from ddjax.mapper.flow import FlowSettings  # noqa: E402
 from ddjax.mapper.sequence import map_noise_to_tokens  # noqa: E402
-from ddjax.teacher.gpt import gpt_config, init_params  # noqa: E402
-from ddjax.teacher.sampling import SamplingSettings, sample  # noqa: E402
+from ddjax.teacher.llamagen.gpt import gpt_config, init_params  # noqa: E402
+from ddjax.teacher.llamagen.sampling import SamplingSettings, sample  # noqa: E402
 
 
 def main(argv=None):

@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 from benchmarks._common import compile_jitted, matmul_peak, print_environment, table, time_fn  # noqa: E402
 from ddjax.student.model import dd_config, init_params  # noqa: E402
 from ddjax.student.sampling import StudentApply, dd_step  # noqa: E402
-from ddjax.teacher.gpt import gpt_config  # noqa: E402
-from ddjax.teacher.gpt import init_params as teacher_init  # noqa: E402
-from ddjax.teacher.sampling import SamplingSettings, sample  # noqa: E402
+from ddjax.teacher.llamagen.gpt import gpt_config  # noqa: E402
+from ddjax.teacher.llamagen.gpt import init_params as teacher_init  # noqa: E402
+from ddjax.teacher.llamagen.sampling import SamplingSettings, sample  # noqa: E402
 
 
 def random_like(params, seed=0, std=0.02):

@@ -53,9 +53,9 @@ from benchmarks._common import (  # noqa: E402
     table,
     time_fn,
 )
-from ddjax.teacher.gpt import GPTConfig, gpt_config, init_params  # noqa: E402
-from ddjax.teacher.layers import ffn_hidden_dim  # noqa: E402
-from ddjax.teacher.sampling import SamplingSettings, sample  # noqa: E402
+from ddjax.teacher.llamagen.gpt import GPTConfig, gpt_config, init_params  # noqa: E402
+from ddjax.teacher.llamagen.layers import ffn_hidden_dim  # noqa: E402
+from ddjax.teacher.llamagen.sampling import SamplingSettings, sample  # noqa: E402
 
 PAPER_TOP_K = 8000  # of a 16384-token vocabulary
 SMALL = dict(n_layer=2, dim=64, n_head=4, vocab_size=512, block_size=16, num_classes=10, multiple_of=32)

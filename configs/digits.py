@@ -2,7 +2,7 @@ r"""The small real teacher of the embedded demo: LlamaGen VQ + class-conditional
 trained on scikit-learn's handwritten digits (32x32 RGB, 8x8 = 64 tokens per image).
 
 Modes (the part after ':'):
-  train_vq, train_teacher        training (`ddjax.teacher.train`; weights + PNG + metrics in WORKDIR)
+  train_vq, train_teacher        training (`ddjax.demo.digits_teacher`; weights + PNG + metrics in WORKDIR)
   evaluate_vq, evaluate_teacher  re-measure WORKDIR's weights (e.g. new sampling settings), rewrite
                                  the metrics and meta.json without retraining
   sample_teacher, info           the shipped weights through `ddjax.main`
@@ -11,9 +11,9 @@ Extra key=value pairs:
 
 Launch (measured on a shared 2-core CPU: 6.5 min + 16 min wall, 3.5 + 11 CPU-min;
 see experiments/digits_teacher/README.md):
-  python -m ddjax.teacher.train --config=configs/digits.py:train_vq --workdir=/tmp/digits
-  python -m ddjax.teacher.train --config=configs/digits.py:train_teacher --workdir=/tmp/digits \
-      --export=ddjax/assets/digits
+  python -m ddjax.main --config=configs/digits.py:train_vq --workdir=/tmp/digits
+  python -m ddjax.main --config=configs/digits.py:train_teacher --workdir=/tmp/digits \
+      --config.export_dir=ddjax/assets/digits
   python -m ddjax.main --config=configs/digits.py:sample_teacher --workdir=/tmp/digits_samples
 
 By default config.vq.checkpoint / config.teacher.checkpoint are the shipped weights
@@ -23,28 +23,26 @@ one there (or with train_teacher.vq_checkpoint when set), else with config.vq.ch
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import sys
 
 import ml_collections as mlc
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import parse_arg  # noqa: E402
 
-MODES = ("train_vq", "train_teacher", "evaluate_vq", "evaluate_teacher", "sample_teacher", "info")
+def load_common():
+    """configs/common.py, loaded by path (no sys.path edits)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+    spec = importlib.util.spec_from_file_location("ddjax_configs_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _shipped() -> dict[str, str]:
-    try:
-        from ddjax.teacher.train import digits_teacher_paths  # noqa: PLC0415
-    except ImportError:  # the config read without the package (e.g. a docs tool)
-        return {"vq": "", "gpt": "", "meta": ""}
-    return digits_teacher_paths()
+common = load_common()
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    a = parse_arg(arg, mode="train_vq", tiny=False)
-    shipped = _shipped()
+    a = common.parse_arg(arg, mode="train_vq", tiny=False)
     c = mlc.ConfigDict()
     c.mode = a["mode"]
     c.preset = "digits-tiny" if a["tiny"] else "digits"
@@ -55,38 +53,18 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.export_dtype = "float16"
 
     # Data: sklearn digits, bilinear 8 -> 32 px, grey copied to RGB, [-1, 1]; stratified split.
-    c.data = mlc.ConfigDict({"image_size": 32, "val_fraction": 0.1, "split_seed": 0,
+    c.digits = mlc.ConfigDict({"image_size": 32, "val_fraction": 0.1, "split_seed": 0,
                              "max_images": 0})  # 0 = all
 
-    # GPTConfig overrides on GPT-B (None keeps the variant's value).
-    c.teacher = mlc.ConfigDict()
-    c.teacher.variant = "GPT-B"
-    c.teacher.checkpoint = shipped["gpt"]
-    c.teacher.weights_key = mlc.config_dict.placeholder(str)
-    c.teacher.random_init = False
-    c.teacher.dtype = "float32"
-    c.teacher.param_dtype = "float32"
-    c.teacher.model = mlc.ConfigDict({
-        "vocab_size": 128, "block_size": 64, "num_classes": 10, "cls_token_num": 1,
-        "n_layer": 4, "dim": 128, "n_head": 4, "multiple_of": 32,
-        "class_dropout_prob": 0.1,  # null class for CFG
-        # No dropout: with the shift augmentation the short run does not overfit.
-        "token_dropout_p": 0.0, "resid_dropout_p": 0.0, "ffn_dropout_p": 0.0,
-    })
-
-    # VQConfig overrides on VQ-16: ch_mult of length 3 -> 4x downsampling, 32 px -> 8x8 tokens.
-    c.vq = mlc.ConfigDict()
-    c.vq.variant = "VQ-16"
-    c.vq.checkpoint = shipped["vq"]
-    c.vq.weights_key = mlc.config_dict.placeholder(str)
-    c.vq.random_init = False
-    c.vq.dtype = "float32"
-    c.vq.model = mlc.ConfigDict({
-        "codebook_size": 128, "codebook_embed_dim": 8, "codebook_l2_norm": True, "ch": 32,
-        "encoder_ch_mult": (1, 1, 2), "decoder_ch_mult": (1, 1, 2), "z_channels": 32,
-        "num_res_blocks": 1,
-    })
-    c.vq.image_size = 32
+    # The shipped teacher's architecture (configs/common.py): GPTConfig overrides on GPT-B and
+    # VQConfig overrides on VQ-16.
+    c.teacher = common.teacher_block("GPT-B", f"{common.DIGITS_ASSETS}/gpt.safetensors",
+                                     common.DIGITS_GPT)
+    c.vq = common.vq_block("VQ-16", f"{common.DIGITS_ASSETS}/vq.safetensors", common.DIGITS_VQ,
+                           common.DIGITS_IMAGE_SIZE)
+    # train_teacher / evaluate_teacher copy the weights and meta.json here when set (e.g.
+    # ddjax/assets/digits to replace the shipped teacher).
+    c.export_dir = ""
 
     c.train_vq = mlc.ConfigDict({
         "seed": 0, "num_steps": 600, "batch_size": 16, "lr": 2e-3, "warmup_steps": 100,
@@ -113,15 +91,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     })
 
     # Teacher sampling (the settings shipped in meta.json; see experiments/digits_teacher).
-    c.sampling = mlc.ConfigDict({
-        "cfg_scale": 1.5, "cfg_interval": -1, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
-        "greedy": False, "batch_size": 10, "num_images": 100,
-        "labels": "0,1,2,3,4,5,6,7,8,9",
-    })
+    c.sampling = mlc.ConfigDict({**common.DIGITS_SAMPLING, "batch_size": 10, "num_images": 100,
+                                 "labels": "0,1,2,3,4,5,6,7,8,9"})
 
     if a["tiny"]:  # 16 px -> 4x4 tokens, 64 images, 3 steps; no shipped weights fit these shapes
         c.vq.checkpoint = c.teacher.checkpoint = ""
-        c.data.update(image_size=16, max_images=64)
+        c.digits.update(image_size=16, max_images=64)
         c.vq.image_size = 16
         c.teacher.model.update(vocab_size=32, block_size=16, n_layer=1, dim=32, n_head=2)
         c.vq.model.update(codebook_size=32, encoder_ch_mult=(1, 1, 1), decoder_ch_mult=(1, 1, 1))
@@ -130,6 +105,4 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.train_teacher.update(num_steps=3, batch_size=4, warmup_steps=1, max_shift=0, eval_every=3,
                                log_every=1, eval_samples_per_class=1, cfg_sweep=(1.0,))
         c.sampling.update(num_images=10)
-    if c.mode not in MODES:
-        raise ValueError(f"unknown mode {c.mode!r}; choose one of {MODES}")
     return c

@@ -3,7 +3,8 @@ r"""ddjax on LlamaGen class-conditional teachers.
 Presets (the part after ':'):
   digits       (default) the embedded demo: a small LlamaGen-architecture VQ + GPT trained on
                scikit-learn's digits, shipped in ddjax/assets/digits; `mode=all` distils it on
-               the CPU in minutes (`assets=DIR` points at a retrained copy, see configs/digits.py)
+               the CPU in minutes (`assets=DIR` points at a retrained copy, see configs/digits.py;
+               `size=small` is the short CI run of the same pipeline)
   tiny         a tiny randomly initialised teacher and VQ (CPU, seconds; tests and smoke runs)
   B, L         LlamaGen GPT-B / GPT-L, 256 px, VQ-16 (official checkpoints c2i_B_256.pt, ...)
   XL, XXL      GPT-XL / GPT-XXL, 384 px (576 tokens)
@@ -19,14 +20,23 @@ Launch:
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
-import sys
 
 import ml_collections as mlc
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import parse_arg  # noqa: E402
+
+def load_common():
+    """configs/common.py, loaded by path (no sys.path edits)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+    spec = importlib.util.spec_from_file_location("ddjax_configs_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+common = load_common()
+_none = mlc.config_dict.placeholder
 
 # preset -> (GPT variant, image size, DD split_t, official checkpoint file name)
 PRESETS = {
@@ -36,66 +46,37 @@ PRESETS = {
     "XXL": ("GPT-XXL", 384, 130, "c2i_XXL_384.pt"),
     "XXXL": ("GPT-XXXL", 384, 130, "c2i_3B_384.pt"),
 }
-_none = mlc.config_dict.placeholder
-
-
-def _flow_defaults() -> dict:
-    """ddjax.mapper.flow.FlowSettings' measured defaults (RK4, 20 quadratic steps, late pruning)."""
-    import dataclasses  # noqa: PLC0415
-
-    from ddjax.mapper.flow import FlowSettings  # noqa: PLC0415
-
-    out = dataclasses.asdict(FlowSettings())
-    for k, typ in (("support_k", int), ("prune_t", float)):
-        if out[k] is None:
-            out[k] = _none(typ)
-    return out
-
-
-def _digits_assets() -> str:
-    import ddjax  # noqa: PLC0415
-
-    return os.path.join(os.path.dirname(os.path.abspath(ddjax.__file__)), "assets", "digits")
 
 
 def _digits_preset(c: mlc.ConfigDict, assets: str, small: bool = False) -> None:
     """The embedded demo: the shipped digits teacher and a recipe that runs in minutes on 2 cores
     (`size=small`: a much shorter run of the same pipeline, for CI)."""
-    meta_path = os.path.join(assets, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"digits teacher not found: {meta_path} (train one with configs/digits.py)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    c.teacher.variant = meta["gpt"]["variant"]
-    c.teacher.checkpoint = os.path.join(assets, meta["gpt"].get("file", "gpt.safetensors"))
-    c.teacher.model.update({k: v for k, v in meta["gpt"]["model"].items()})
-    c.vq.variant = meta["vq"]["variant"]
-    c.vq.checkpoint = os.path.join(assets, meta["vq"].get("file", "vq.safetensors"))
-    c.vq.model.update({k: tuple(v) if isinstance(v, list) else v for k, v in meta["vq"]["model"].items()})
-    c.vq.image_size = meta["image_size"]
-    c.sampling.update(meta["sampling"])
+    c.teacher.update(variant="GPT-B", checkpoint=f"{assets}/gpt.safetensors")
+    c.teacher.model.update(common.DIGITS_GPT)
+    c.vq.update(variant="VQ-16", checkpoint=f"{assets}/vq.safetensors", image_size=common.DIGITS_IMAGE_SIZE)
+    c.vq.model.update(common.DIGITS_VQ)
+    c.sampling.update(common.DIGITS_SAMPLING)
     c.sampling.update(batch_size=50, num_images=100, labels="0,1,2,3,4,5,6,7,8,9")
     c.data.update(num_pairs=8192, shard_size=1024, batch_size=256)
     c.train.update(t_list=(0, 20), t_weights=(1.0, 1.0), batch_size=64, num_steps=1200, lr=2e-3,
                    warmup_steps=100, min_lr_ratio=0.05, weight_decay=0.01, ema_decay=0.999,
                    log_every=100, checkpoint_every=500, keep_checkpoints=2)
-    c.dd.update(t_list=(0, 20), split_t=64, teacher_start=10, num_images=100, batch_size=100)
-    classifier = os.path.join(assets, "classifier.npz")
+    # 64 tokens: split_t 64 keeps every position snapped (split_t < 64 measured worse).
+    c.dd.update(t_list=(0, 20), split_t=64, teacher_start=10, teacher_split_t=64, num_images=100,
+                batch_size=100)
     c.eval.update(num_samples=1000, batch_size=250, extractor="digits", reference="digits",
-                  extractor_weights=classifier if os.path.exists(classifier) else "", grid_size=100)
+                  extractor_weights="", grid_size=100)  # "": the classifier is trained (seed 0)
     if small:
         c.data.update(num_pairs=1024, shard_size=512, batch_size=128)
         c.train.update(num_steps=400, lr=2e-3, warmup_steps=20, batch_size=32, log_every=100,
                        checkpoint_every=200)
         c.dd.update(num_images=20, batch_size=20)
         c.eval.update(num_samples=200, batch_size=100, grid_size=25)
-MODES = ("info", "sample_teacher", "generate", "train", "sample", "evaluate", "all", "train_vq",
-         "train_teacher", "evaluate_vq", "evaluate_teacher")
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    a = parse_arg(arg, preset="digits", mode="all", ckpt_dir="checkpoints", assets=_digits_assets(),
-                  size="full")
+    a = common.parse_arg(arg, preset="digits", mode="all", ckpt_dir="checkpoints",
+                         assets=common.DIGITS_ASSETS, size="full")
     c = mlc.ConfigDict()
     c.preset = a["preset"]
     c.mode = a["mode"]
@@ -104,32 +85,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # Mesh: the batch is split over `data`; `fsdp` shards parameters (training). -1 = the rest.
     c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1})
 
-    c.teacher = mlc.ConfigDict()
-    c.teacher.variant = "GPT-B"
-    c.teacher.checkpoint = ""  # .pt / .safetensors / ddjax dir; "" only with random_init
-    c.teacher.weights_key = _none(str)  # ema / model / ...; None = detect
-    c.teacher.random_init = False  # allow a random teacher (tiny preset, benchmarks)
-    c.teacher.dtype = "float32"  # compute dtype
-    c.teacher.param_dtype = "float32"
-    # GPTConfig fields; None keeps the variant's value.
-    c.teacher.model = mlc.ConfigDict({
+    c.teacher = common.teacher_block("GPT-B", "", {
         "vocab_size": 16384, "block_size": 256, "num_classes": 1000, "cls_token_num": 1,
         "n_layer": _none(int), "dim": _none(int), "n_head": _none(int), "n_kv_head": _none(int),
-        "attention_impl": _none(str),
-    })
-
-    c.vq = mlc.ConfigDict()
-    c.vq.variant = "VQ-16"
-    c.vq.checkpoint = ""
-    c.vq.weights_key = _none(str)
-    c.vq.random_init = False
-    c.vq.dtype = "float32"
-    # VQConfig fields; None keeps the variant's value.
-    c.vq.model = mlc.ConfigDict({
+        "attention_impl": _none(str)})
+    c.vq = common.vq_block("VQ-16", "", {
         "codebook_size": 16384, "codebook_embed_dim": 8, "ch": _none(int),
-        "encoder_ch_mult": _none(tuple), "decoder_ch_mult": _none(tuple), "z_channels": _none(int),
-    })
-    c.vq.image_size = 256
+        "encoder_ch_mult": _none(tuple), "decoder_ch_mult": _none(tuple), "z_channels": _none(int)},
+        image_size=256)
 
     # Teacher sampling (LlamaGen's paper settings).
     c.sampling = mlc.ConfigDict()
@@ -144,7 +107,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.sampling.labels = _none(str)  # e.g. "207,360,387"; None = random classes
 
     # The flow-matching map (one token): see experiments/flow_solver/README.md for the defaults.
-    c.flow = mlc.ConfigDict(_flow_defaults())
+    c.flow = mlc.ConfigDict(dict(common.FLOW_DEFAULTS))
 
     # The noise -> token pair dataset (mode=generate).
     c.data = mlc.ConfigDict()
@@ -155,11 +118,15 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.data.label_policy = "balanced"  # or "uniform"
     c.data.seed = 0
     c.data.verify_existing = True  # checksum finished shards when resuming
+    c.data.flow_check_tokens = 256  # before writing: teacher tokens mapped by flow and a reference
+    c.data.flow_check_threshold = 0.999  # ... and the agreement below which the run stops
 
     # DD (student) sampling: t_list steps; positions < split_t snap to codes, the rest stay
-    # continuous; teacher-involved sampling starts the teacher at teacher_start (0 = off).
+    # continuous. Teacher-involved sampling: the teacher samples from teacher_start to t_list[1]
+    # (-1 = off), then a student step with teacher_split_t (-1 = the official value for
+    # teacher_start: 180 for 60 and 40, 220 for 0).
     c.dd = mlc.ConfigDict({"t_list": (0, 80), "split_t": 80, "teacher_start": 60,
-                           "num_images": 16, "batch_size": 8})
+                           "teacher_split_t": -1, "num_images": 16, "batch_size": 8})
     c.student = mlc.ConfigDict()
     c.student.checkpoint = ""  # "" = the latest training checkpoint in WORKDIR/student
     c.student.init_from_teacher = True
@@ -190,8 +157,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.train.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
     c.train.ce_weight = 1.0  # cross-entropy on the logits head
     c.train.cont_weight = 1.0  # continuous head loss
-    c.train.cont_loss = "mse"  # "mse" to the target codes; "lpips" is not implemented yet
-    c.train.lpips_weights = ""  # LPIPS weights file (cont_loss="lpips" raises without it)
+    c.train.cont_loss = "mse"  # "mse" to the target codes, or "lpips" on VQ-decoded images
+    c.train.lpips_weights = ""  # cont_loss="lpips": torchvision VGG16 weights (.pth/.safetensors/.npz)
+    c.train.lpips_lin_weights = ""  # LPIPS linear layers; "" = the installed lpips package's
     c.train.compute_dtype = "float32"  # or "bfloat16"
     c.train.sharding = "data"  # "data" (replicated params) or "fsdp"
     c.train.log_every = 50
@@ -211,9 +179,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                           decoder_ch_mult=(1, 2), z_channels=32)
         c.vq.image_size = 8  # 4x4 tokens with a downsample factor of 2
         c.sampling.update(top_k=0, batch_size=4, num_images=8)
-        c.data.update(num_pairs=256, shard_size=64, batch_size=16)
+        c.data.update(num_pairs=256, shard_size=64, batch_size=16, flow_check_tokens=64,
+                      flow_check_threshold=0.98)
         c.eval.update(num_samples=64, batch_size=32, extractor="digits", reference="digits", grid_size=16)
-        c.dd.update(t_list=(0, 8), split_t=8, teacher_start=4, num_images=8, batch_size=8)
+        c.dd.update(t_list=(0, 8), split_t=8, teacher_start=4, teacher_split_t=8, num_images=8,
+                    batch_size=8)
         c.train.update(t_list=(0, 8), batch_size=16, num_steps=50, warmup_steps=5, lr=1e-3,
                        log_every=10, checkpoint_every=25, ema_decay=0.99)
     elif preset in PRESETS:
@@ -226,6 +196,4 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.dd.split_t = split_t
     else:
         raise ValueError(f"unknown preset {preset!r}; choose 'digits', 'tiny' or one of {sorted(PRESETS)}")
-    if c.mode not in MODES:
-        raise ValueError(f"unknown mode {c.mode!r}; choose one of {MODES}")
     return c

@@ -1,7 +1,7 @@
 r"""Entry point: python -m ddjax.main --config=configs/llamagen.py[:ARG] --workdir=DIR
 
 Defines flags, initialises multi-host JAX when asked, logs the devices and hands the
-config to `ddjax.run.run`. Override any field: --config.mode=sample_teacher
+config to `ddjax.app.run`. Override any field: --config.mode=sample_teacher
 --config.teacher.checkpoint=/ckpts/c2i_B_256.pt
 """
 
@@ -13,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddjax import run
+from ddjax.app import run as app_run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/llamagen.py[:preset]).", lock_config=True
@@ -42,7 +42,7 @@ def main(argv):
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
     try:
-        run.run(_CONFIG.value, _WORKDIR.value)
+        app_run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         # Configuration and input problems: one clear line, no traceback.
         logging.error("%s: %s", type(e).__name__, e)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 
 def tiny_gpt_config(**overrides):
-    from ddjax.teacher.gpt import gpt_config
+    from ddjax.teacher.llamagen.gpt import gpt_config
 
     base = dict(n_layer=2, dim=64, n_head=4, n_kv_head=2, vocab_size=64, block_size=16,
                 num_classes=10, multiple_of=32)
@@ -49,7 +49,7 @@ def random_params(params, seed: int = 0, scale: float = 0.3):
 
 @pytest.fixture(scope="session")
 def tiny_gpt():
-    from ddjax.teacher.gpt import init_params
+    from ddjax.teacher.llamagen.gpt import init_params
 
     cfg = tiny_gpt_config()
     params = random_params(init_params(cfg, jax.random.PRNGKey(0)))

@@ -10,7 +10,7 @@ import pytest
 
 from ddjax import run
 from ddjax.pipeline import slug
-from ddjax.teacher.train import digits_teacher_paths
+from ddjax.demo.digits_teacher import digits_teacher_paths
 
 # This test trains and samples for real: XLA's optimisations halve its run time.
 pytestmark = [pytest.mark.skipif(not os.path.exists(digits_teacher_paths()["gpt"]),

@@ -10,11 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from ddjax.teacher import gpt as gpt_lib
-from ddjax.teacher import vq as vq_lib
-from ddjax.teacher.loading import load_gpt, load_vq
-from ddjax.teacher.sampling import SamplingSettings
-from ddjax.teacher.train import (
+from ddjax.teacher.llamagen import gpt as gpt_lib
+from ddjax.teacher.llamagen import vq as vq_lib
+from ddjax.teacher.llamagen.loading import load_gpt, load_vq
+from ddjax.teacher.llamagen.sampling import SamplingSettings
+from ddjax.demo.digits_teacher import (
     classify_digits,
     digits_classifier,
     digits_teacher_paths,

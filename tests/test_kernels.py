@@ -295,7 +295,7 @@ class TestDispatcher:
 
 def test_teacher_gpt_pallas_matches_xla():
     """The LlamaGen teacher with attention_impl='pallas' vs 'xla': teacher forcing and the cache."""
-    from ddjax.teacher.gpt import GPT, gpt_config, init_cache, init_params
+    from ddjax.teacher.llamagen.gpt import GPT, gpt_config, init_cache, init_params
 
     def model(impl):
         return GPT(gpt_config("GPT-B", n_layer=1, dim=64, n_head=4, n_kv_head=2, vocab_size=32,

@@ -20,8 +20,8 @@ from multidevice import run_on_8_devices
 from ddjax.mapper.flow import FlowSettings
 from ddjax.mapper.pairs import PairDataset, PairSpec, generate_pairs, shard_name
 from ddjax.mapper.sequence import map_noise_to_tokens
-from ddjax.teacher.gpt import GPT, init_params
-from ddjax.teacher.sampling import SamplingSettings, guide, process_logits, sample
+from ddjax.teacher.llamagen.gpt import GPT, init_params
+from ddjax.teacher.llamagen.sampling import SamplingSettings, guide, process_logits, sample
 
 K, L, D = 4, 4, 8  # vocab, tokens (2x2 grid), code dim: 4^4 = 256 sequences to enumerate
 
@@ -113,8 +113,8 @@ def test_same_tokens_on_1_and_8_devices():
         import jax, jax.numpy as jnp, numpy as np
         from conftest import tiny_gpt_config, random_params
         from ddjax.sharding import make_mesh
-        from ddjax.teacher.gpt import init_params
-        from ddjax.teacher.sampling import SamplingSettings
+        from ddjax.teacher.llamagen.gpt import init_params
+        from ddjax.teacher.llamagen.sampling import SamplingSettings
         from ddjax.mapper.sequence import map_noise_to_tokens
         jax.config.update("jax_disable_most_optimizations", True)
         cfg = tiny_gpt_config()

@@ -57,9 +57,9 @@ def test_llamagen_dd_executes_dry(tmp_path):
     from ddjax.convert.api import export_torch
     from ddjax.student.model import dd_config
     from ddjax.student.model import init_params as dd_init
-    from ddjax.teacher.gpt import init_params as gpt_init
-    from ddjax.teacher.vq import init_params as vq_init
-    from ddjax.teacher.vq import vq_config
+    from ddjax.teacher.llamagen.gpt import init_params as gpt_init
+    from ddjax.teacher.llamagen.vq import init_params as vq_init
+    from ddjax.teacher.llamagen.vq import vq_config
 
     over = dict(n_layer=2, dim=64, n_head=4, n_kv_head=2, vocab_size=64, block_size=16, num_classes=10,
                 multiple_of=32)

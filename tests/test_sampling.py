@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddjax.teacher.gpt import GPT, init_cache
+from ddjax.teacher.llamagen.gpt import GPT, init_cache
 
 _FORWARD = {}
 
@@ -19,7 +19,7 @@ def forward(cfg, params, tokens, cond):
     return _FORWARD[cfg]({"params": params}, tokens, cond)
 
 
-from ddjax.teacher.sampling import (  # noqa: E402
+from ddjax.teacher.llamagen.sampling import (  # noqa: E402
     SamplingSettings,
     filter_logits,
     guide,
@@ -154,7 +154,7 @@ def test_prefix_continuation_and_determinism(tiny_gpt):
 
 
 def test_no_recompilation_for_same_shapes(tiny_gpt):
-    from ddjax.teacher import sampling as sampling_lib
+    from ddjax.teacher.llamagen import sampling as sampling_lib
 
     cfg, params = tiny_gpt
     s = SamplingSettings(temperature=0.9)

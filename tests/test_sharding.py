@@ -10,8 +10,8 @@ def test_teacher_sampling_same_tokens_on_1_and_8_devices():
         import jax, jax.numpy as jnp, numpy as np
         from conftest import tiny_gpt_config, random_params
         from ddjax.sharding import make_mesh
-        from ddjax.teacher.gpt import init_params
-        from ddjax.teacher.sampling import SamplingSettings, sample
+        from ddjax.teacher.llamagen.gpt import init_params
+        from ddjax.teacher.llamagen.sampling import SamplingSettings, sample
         jax.config.update("jax_disable_most_optimizations", True)
         cfg = tiny_gpt_config()
         params = random_params(init_params(cfg, jax.random.PRNGKey(0)))

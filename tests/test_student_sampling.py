@@ -11,7 +11,7 @@ import pytest
 
 from ddjax.student.model import dd_config, init_from_teacher, init_params, nearest_code
 from ddjax.student.sampling import StudentApply, dd_step, sample_dd, sample_teacher_involved
-from ddjax.teacher.sampling import SamplingSettings, sample
+from ddjax.teacher.llamagen.sampling import SamplingSettings, sample
 
 D = 8
 

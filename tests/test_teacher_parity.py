@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddjax.convert.mapping import flax_to_torch, torch_to_flax
+from ddjax.utils.state_dict import flax_to_torch, torch_to_flax
 from ddjax.teacher import GPT, gpt_config, init_cache, init_params, load_gpt
-from ddjax.teacher.loading import abstract_params
+from ddjax.teacher.llamagen.loading import abstract_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ATOL = 1e-4  # ddjax vs PyTorch, float32

@@ -5,8 +5,8 @@
 """
 
 from ddjax.convert.api import export_torch, import_torch, load_jax, save_jax
-from ddjax.convert.mapping import check_params, flax_to_torch, torch_key, torch_to_flax
-from ddjax.convert.torch_io import (
+from ddjax.utils.state_dict import check_params, flax_to_torch, torch_key, torch_to_flax
+from ddjax.utils.torch_io import (
     CheckpointError,
     read_state_dict,
     unwrap_state_dict,

@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from ddjax.convert import api
-from ddjax.convert.torch_io import CheckpointError
+from ddjax.utils.torch_io import CheckpointError
 
 KINDS = api.KINDS
 build_config = api.build_config

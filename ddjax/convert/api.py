@@ -28,9 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddjax.convert.mapping import check_params, flax_to_torch, torch_to_flax
-from ddjax.convert.torch_io import StateDict, read_state_dict, write_state_dict
 from ddjax.utils.checkpoint import config_to_dict, load_params, read_meta, save_params
+from ddjax.utils.state_dict import check_params, flax_to_torch, torch_to_flax
+from ddjax.utils.torch_io import StateDict, read_state_dict, write_state_dict
 
 KINDS = ("gpt", "vq", "dd")
 # Where `.pt` exports put the weights: LlamaGen's samplers read checkpoint["model"]; the DD
@@ -57,10 +57,10 @@ def build_config(kind: str, model: str | None = None, overrides: dict[str, Any] 
     _check_kind(kind)
     overrides = dict(overrides or {})
     if kind == "vq":
-        from ddjax.teacher.vq import vq_config  # noqa: PLC0415
+        from ddjax.teacher.llamagen.vq import vq_config  # noqa: PLC0415
 
         return vq_config(model or "VQ-16", **overrides)
-    from ddjax.teacher.gpt import gpt_config  # noqa: PLC0415
+    from ddjax.teacher.llamagen.gpt import gpt_config  # noqa: PLC0415
 
     if kind == "gpt":
         return gpt_config(model or "GPT-B", **overrides)
@@ -85,9 +85,9 @@ def config_from_meta(kind: str, meta: dict[str, Any]) -> Any:
     if isinstance(cfg.get("gpt"), dict):  # a DDConfig stored nested: {"gpt": {...}, "codebook_dim"}
         cfg = {**cfg.pop("gpt"), **cfg}
     if kind == "vq":
-        from ddjax.teacher.vq import VQConfig as cls  # noqa: PLC0415
+        from ddjax.teacher.llamagen.vq import VQConfig as cls  # noqa: PLC0415
     else:
-        from ddjax.teacher.gpt import GPTConfig as cls  # noqa: PLC0415
+        from ddjax.teacher.llamagen.gpt import GPTConfig as cls  # noqa: PLC0415
     codebook_dim = cfg.pop("codebook_dim", None)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg) - names)
@@ -107,9 +107,9 @@ def init_fn(kind: str):
     """`init_params(config, rng)` for `kind`."""
     _check_kind(kind)
     if kind == "gpt":
-        from ddjax.teacher.gpt import init_params  # noqa: PLC0415
+        from ddjax.teacher.llamagen.gpt import init_params  # noqa: PLC0415
     elif kind == "vq":
-        from ddjax.teacher.vq import init_params  # noqa: PLC0415
+        from ddjax.teacher.llamagen.vq import init_params  # noqa: PLC0415
     else:
         from ddjax.student.model import init_params  # noqa: PLC0415
     return init_params

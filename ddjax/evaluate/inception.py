@@ -344,7 +344,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
         return dict(load_file(path))
     if ext in (".pth", ".pt", ".bin"):
-        from ddjax.convert.torch_io import _require_torch  # noqa: PLC0415
+        from ddjax.utils.torch_io import _require_torch  # noqa: PLC0415
 
         torch = _require_torch(f"reading {path}")
         obj = torch.load(path, map_location="cpu", weights_only=True)

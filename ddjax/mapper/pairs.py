@@ -128,23 +128,43 @@ def write_shard(directory: str, shard: int, arrays: dict[str, np.ndarray]) -> di
     return meta
 
 
-def prepare_directory(directory: str, spec: PairSpec) -> None:
-    """Creates DIR/dataset.json, or checks that an existing one describes the same dataset."""
+# dataset.json fields that record checks made before writing, not the dataset's content.
+CHECK_FIELDS = ("flow_check",)
+
+
+def read_checks(directory: str) -> dict:
+    """The recorded pre-write checks of DIR/dataset.json ({} when there is none yet)."""
+    path = os.path.join(directory, "dataset.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        have = json.load(f)
+    return {k: have[k] for k in CHECK_FIELDS if k in have}
+
+
+def prepare_directory(directory: str, spec: PairSpec, checks: dict | None = None) -> None:
+    """Creates DIR/dataset.json, or checks that an existing one describes the same dataset.
+
+    checks: results of pre-write checks (`CHECK_FIELDS`) recorded beside the spec; they are not
+    part of the dataset's identity.
+    """
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "dataset.json")
     want = spec.to_json()
     if os.path.exists(path):
         with open(path) as f:
-            have = json.load(f)
+            have = {k: v for k, v in json.load(f).items() if k not in CHECK_FIELDS}
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         if diff:
             raise ValueError(
                 f"{directory} already holds a different pair dataset (fields differ: {diff}); "
                 "use a new directory or the original settings to resume"
             )
-        return
+        if not checks or read_checks(directory) == checks:
+            return
     if jax.process_index() == 0:
-        _atomic_write(path, lambda f: f.write(json.dumps(want, indent=2, default=str).encode()))
+        out = {**want, **(checks or {})}
+        _atomic_write(path, lambda f: f.write(json.dumps(out, indent=2, default=str).encode()))
 
 
 def generate_pairs(
@@ -157,15 +177,17 @@ def generate_pairs(
     process_count: int | None = None,
     verify_existing: bool = True,
     log_every_s: float = 10.0,
+    checks: dict | None = None,
 ) -> list[int]:
     """Writes this process's missing shards; returns the shard indices written now.
 
     map_fn(noise [b, L, d] float32, labels [b] int32) -> tokens [b, L]; called with exactly
     `batch_size` rows (the last batch of a shard is padded with zero noise and dropped after).
+    checks: pre-write check results recorded in dataset.json (see `prepare_directory`).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    prepare_directory(directory, spec)
+    prepare_directory(directory, spec, checks)
     for name in os.listdir(directory):
         if name.endswith(".tmp"):
             os.remove(os.path.join(directory, name))  # a write cut short by a kill
@@ -210,6 +232,7 @@ class PairDataset:
             raise ValueError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
         meta.pop("format")
         self.directory = directory
+        self.checks = {k: meta.pop(k) for k in CHECK_FIELDS if k in meta}
         self.spec = PairSpec(**meta)
         missing = [s for s in range(self.spec.num_shards) if not shard_done(directory, s, verify)]
         if missing:

@@ -2,7 +2,7 @@
 
 Position i's distribution is the teacher's (same CFG, temperature, top-k, top-p as the sampler)
 given the tokens mapped so far; the one-token map (`flow.map_token`) replaces the multinomial
-draw inside the sampler's compiled loop (method.md, section 3).
+draw inside the teacher's compiled sampling loop (method.md, section 3), for any `Teacher`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ddjax.mapper.flow import FlowSettings, map_token
-from ddjax.teacher.gpt import GPTConfig
-from ddjax.teacher.sampling import SamplingSettings, sample
+from ddjax.teacher.base import Teacher
 
 
 class FlowRule:
@@ -45,12 +44,10 @@ class FlowRule:
 
 
 def map_noise_to_tokens(
-    params: Any,
-    config: GPTConfig,
+    teacher: Teacher,
     noise: jax.Array,
     cond: jax.Array,
-    codebook: Any,
-    settings: SamplingSettings = SamplingSettings(),
+    settings: Any,
     flow: FlowSettings = FlowSettings(),
     *,
     prefix_ids: jax.Array | None = None,
@@ -60,20 +57,17 @@ def map_noise_to_tokens(
     """The deterministic map F(noise, cond) -> token ids [B, L] int32.
 
     Args:
-      params, config: the teacher.
-      noise: [B, L, d] standard normal, d = codebook dim; L <= block_size.
+      teacher: the teacher (its compiled sampling loop and codebook).
+      noise: [B, L, d] standard normal, d = the codebook's dimension; L <= teacher.seq_len.
       cond: class labels [B] (or caption features [B, N, caption_dim]).
-      codebook: [K, d] the VQ codebook as the teacher's tokens index it (L2-normalised).
       settings: the teacher's sampling settings (greedy is ignored: the map decides).
       flow: ODE solver settings for the one-token map.
       prefix_ids, prefix_len: keep the first tokens and map the rest (teacher-involved use).
       mesh: split the batch over the mesh's batch axes.
     """
-    if noise.ndim != 3 or noise.shape[-1] != np.shape(codebook)[-1]:
-        raise ValueError(f"noise must be [B, L, {np.shape(codebook)[-1]}], got {noise.shape}")
-    if np.shape(codebook)[0] != config.vocab_size:
-        raise ValueError(f"codebook has {np.shape(codebook)[0]} codes, teacher vocab is {config.vocab_size}")
-    return sample(params, config, cond, jax.random.PRNGKey(0), settings,
-                  rule=FlowRule(codebook, flow), rule_inputs=jnp.asarray(noise, jnp.float32),
-                  prefix_ids=prefix_ids, prefix_len=prefix_len, num_tokens=noise.shape[1],
-                  mesh=mesh)
+    codebook = teacher.codebook
+    if noise.ndim != 3 or noise.shape[-1] != codebook.shape[-1]:
+        raise ValueError(f"noise must be [B, L, {codebook.shape[-1]}], got {noise.shape}")
+    return teacher.sample(cond, jax.random.PRNGKey(0), settings, rule=FlowRule(codebook, flow),
+                          rule_inputs=jnp.asarray(noise, jnp.float32), prefix_ids=prefix_ids,
+                          prefix_len=prefix_len, num_tokens=noise.shape[1], mesh=mesh)

@@ -1,20 +1,103 @@
-"""Loading DD student weights: official checkpoints (`.pt`/`.safetensors`) or ddjax directories."""
+"""Loading a DD student, whatever holds it: one function, `load_student`.
+
+    cfg, params, meta = load_student(path, teacher)
+
+`path` may be
+  * a training workdir (or its `student/` folder): the EMA (default) or raw params of the
+    latest (or given) Orbax checkpoint;
+  * a ddjax DD directory (`python -m ddjax.convert to-jax --kind dd`, or `save_jax`);
+  * a released Distilled Decoding checkpoint, `.pt` or `.safetensors` (weights under "ema",
+    else "model"); its shapes come from the teacher.
+Every missing, unexpected or mis-shaped key raises one CheckpointError naming them all.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from typing import Any
 
-from ddjax.teacher.loading import abstract_params, load_weights
+import jax
+import orbax.checkpoint as ocp
+
+from ddjax.student import model as model_lib
+from ddjax.teacher.base import Teacher
+from ddjax.teacher.llamagen.gpt import GPTConfig
+from ddjax.teacher.llamagen.loading import abstract_params, load_weights
+from ddjax.utils.checkpoint import META_FILE, load_params, read_meta
+
+STUDENT_DIR = "student"
+CKPT_DIR = "checkpoints"
 
 
-def load_dd(path: str, config: Any, weights_key: str | None = None) -> Any:
-    """DD student params for `config` (a `DDConfig`) from `.pt`, `.safetensors` or a ddjax
-    directory.
+def model_config_from_meta(meta: dict) -> model_lib.DDConfig:
+    """DDConfig from ddjax.json's model_config: {"gpt": {...}, "codebook_dim"} or flat."""
+    mc = dict(meta.get("model_config", meta))
+    gpt = dict(mc.pop("gpt")) if isinstance(mc.get("gpt"), dict) else mc
+    codebook_dim = mc.pop("codebook_dim", gpt.pop("codebook_dim", None))
+    if codebook_dim is None:
+        raise ValueError("a DD model_config needs codebook_dim")
+    names = set(GPTConfig.__dataclass_fields__)
+    gpt = {k: (tuple(v) if isinstance(v, list) else v) for k, v in gpt.items() if k in names}
+    return model_lib.DDConfig(GPTConfig(**gpt), int(codebook_dim))
 
-    Released Distilled Decoding checkpoints hold the weights under "ema" and "model"; the EMA
-    weights are taken unless `weights_key` says otherwise. Raises a CheckpointError naming
-    every missing, unexpected or mis-shaped key.
+
+def _abstract(cfg: model_lib.DDConfig) -> Any:
+    return jax.eval_shape(functools.partial(model_lib.init_params, cfg), jax.random.PRNGKey(0))
+
+
+def load_training_run(path: str, step: int | None = None,
+                      ema: bool = True) -> tuple[model_lib.DDConfig, Any, dict]:
+    """(DDConfig, params, meta with "step") from WORKDIR or WORKDIR/student."""
+    student_dir = path if os.path.exists(os.path.join(path, META_FILE)) else os.path.join(path, STUDENT_DIR)
+    meta_path = os.path.join(student_dir, META_FILE)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"no trained student in {path}: {meta_path} is missing (train one "
+                                "with --config.mode=train, or set --config.student.checkpoint)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("kind") != "dd":
+        raise ValueError(f"{student_dir} holds a {meta.get('kind')!r} checkpoint, not a DD student")
+    cfg = model_config_from_meta(meta)
+    mngr = ocp.CheckpointManager(os.path.join(student_dir, meta.get("checkpoints", CKPT_DIR)),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        mngr.close()
+        raise FileNotFoundError(f"{student_dir} has no training checkpoint yet")
+    item = "ema_params" if ema else "params"
+    got = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(_abstract(cfg))}))
+    mngr.close()
+    return cfg, got[item], {**meta, "step": int(step)}
+
+
+def load_dd(path: str, config: model_lib.DDConfig, weights_key: str | None = None) -> Any:
+    """DD student params for `config` from `.pt`, `.safetensors` or a ddjax directory.
+
+    Released checkpoints hold the weights under "ema" and "model"; the EMA weights are taken
+    unless `weights_key` says otherwise.
     """
-    from ddjax.student.model import init_params  # noqa: PLC0415
+    return load_weights(path, abstract_params(model_lib.init_params, config), "dd", weights_key)
 
-    return load_weights(path, abstract_params(init_params, config), "dd", weights_key)
+
+def load_student(path: str, teacher: Teacher | None = None, *, step: int | None = None,
+                 ema: bool = True, weights_key: str | None = None
+                 ) -> tuple[model_lib.DDConfig, Any, dict]:
+    """(DDConfig, params, meta) from a training run, a ddjax DD directory or a released file
+    (see the module docstring); `teacher` gives the shapes of a released file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"student checkpoint not found: {path}")
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "params")):
+            meta = read_meta(path)
+            if meta.get("kind") != "dd":
+                raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a DD student")
+            cfg = model_config_from_meta(meta)
+            params, _ = load_params(path, _abstract(cfg), kind="dd")
+            return cfg, params, meta
+        return load_training_run(path, step, ema)
+    if teacher is None:
+        raise ValueError(f"{path}: a released DD file needs the teacher for its shapes")
+    cfg = model_lib.dd_config(teacher.config, teacher.code_dim)
+    return cfg, load_dd(path, cfg, weights_key), {"kind": "dd", "source": path}

@@ -5,10 +5,12 @@ For a pair (noise ε, tokens q, class) and a timestep t the student sees X_t = (
   * cross-entropy of the logits head against q                       (weight `ce_weight`);
   * a loss of the continuous head against the codes c_q              (weight `cont_weight`):
       "mse"    mean over the d code dimensions of (out - c_q)², the default;
-      "lpips"  LPIPS between VQ-decoded images. NOT IMPLEMENTED: ddjax has no LPIPS network
-               (VGG16 features + the LPIPS linear heads) yet, so this option raises a ValueError
-               naming what is missing instead of training with a stand-in.
-Means are token-level: the sum over every position ≥ t in the batch divided by their number.
+      "lpips"  LPIPS between the VQ-decoded images of the continuous output (positions < t
+               passed through from X_t) and of the target codes, as the official
+               `--loss_norm lpips`; the trainer is handed the image loss (`terms["image"]`, [B])
+               by the entry layer, which builds the frozen decoder and the LPIPS network.
+Means are token-level: the sum over every position ≥ t in the batch divided by their number;
+the image loss is a mean over images.
 """
 
 from __future__ import annotations
@@ -25,17 +27,13 @@ CONT_LOSSES = ("mse", "lpips")
 
 
 def check_cont_loss(cont_loss: str, lpips_weights: str = "") -> None:
-    """Raises a ValueError unless `cont_loss` is trainable with this code base."""
+    """Raises a ValueError unless `cont_loss` is known (and LPIPS has its VGG16 weights)."""
     if cont_loss not in CONT_LOSSES:
         raise ValueError(f"config.train.cont_loss={cont_loss!r}; choose one of {CONT_LOSSES}")
-    if cont_loss == "lpips":
-        if not lpips_weights:
-            raise ValueError(
-                "config.train.cont_loss='lpips' needs config.train.lpips_weights (a file with the "
-                "LPIPS VGG16 + linear-head weights); set it, or use cont_loss='mse'")
+    if cont_loss == "lpips" and not lpips_weights:
         raise ValueError(
-            f"config.train.cont_loss='lpips' (weights {lpips_weights!r}): the LPIPS network is not "
-            "implemented in ddjax yet, so LPIPS training is unavailable; use cont_loss='mse'")
+            "config.train.cont_loss='lpips' needs config.train.lpips_weights: a torchvision VGG16 "
+            "state dict (.pth, .safetensors or .npz; see README, 'LPIPS'); or use cont_loss='mse'")
 
 
 def target_mask(t: jax.Array, length: int) -> jax.Array:
@@ -68,10 +66,9 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 def dd_loss(terms: Mapping[str, jax.Array], mask: jax.Array, *, ce_weight: float,
             cont_weight: float, cont_loss: str = "mse") -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted objective over the masked positions: (loss, {"ce", "cont_loss"})."""
-    if cont_loss != "mse":
-        check_cont_loss(cont_loss)
+    check_cont_loss(cont_loss, "given" if cont_loss == "lpips" else "")
     ce = masked_mean(terms["ce"], mask)
-    cont = masked_mean(terms["mse"], mask)
+    cont = jnp.mean(terms["image"]) if cont_loss == "lpips" else masked_mean(terms["mse"], mask)
     return ce_weight * ce + cont_weight * cont, {"ce": ce, "cont_loss": cont}
 
 
@@ -82,7 +79,10 @@ def sums_and_counts(terms: Mapping[str, jax.Array], mask: jax.Array, t: jax.Arra
     m = mask.astype(jnp.float32)
     out = {}
     for name, x in terms.items():
-        out[name] = (jnp.sum(x * m), jnp.sum(m))
+        if x.ndim == 1:  # per image
+            out[name] = (jnp.sum(x), jnp.asarray(x.shape[0], jnp.float32))
+        else:
+            out[name] = (jnp.sum(x * m), jnp.sum(m))
     for tv in t_list:
         mt = m * (jnp.asarray(t).reshape(-1, 1) == tv)
         for name in ("ce", "acc", "cont_acc"):

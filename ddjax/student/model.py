@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax.teacher.gpt import GPTConfig, LabelEmbedder
-from ddjax.teacher.layers import RMSNorm, TransformerBlock, ffn_hidden_dim, rope_table_2d
+from ddjax.teacher.llamagen.gpt import GPTConfig, LabelEmbedder
+from ddjax.teacher.llamagen.layers import RMSNorm, TransformerBlock, ffn_hidden_dim, rope_table_2d
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,32 +1,27 @@
 r"""Training the DD student on the noise -> token pairs (`--config.mode=train`, method.md §4–5).
 
-  python -m ddjax.main --config=configs/llamagen.py:tiny --config.mode=generate --workdir=/tmp/dd
-  python -m ddjax.main --config=configs/llamagen.py:tiny --config.mode=train --workdir=/tmp/dd
+    result = train(teacher, PairDataset(pairs_dir), TrainSettings(...), workdir=WORKDIR, mesh=mesh)
 
 Each step draws, per pair, t from `train.t_list` (weights `train.t_weights`, rng folded from the
 step), builds X_t = perturb(codebook[tokens], t, noise) with the pair's stored noise, and trains
 both heads at positions ≥ t (ddjax/student/losses.py). The teacher only initialises the student
-(`config.student.init_from_teacher`) and is never checkpointed.
+(`init_from_teacher`) and is never checkpointed.
 
 Outputs under WORKDIR/student/:
   ddjax.json      {"kind": "dd", "model_config": {"gpt": GPTConfig, "codebook_dim": d}, ...}
   checkpoints/    Orbax CheckpointManager steps, items params / ema_params / opt_state / train
-  logs/           TensorBoard summaries: clu's writer needs TensorFlow, which ddjax does not
-                  depend on; without it tensorboardX writes them (`_import_clu`), and with
-                  neither the metrics go to the log only
+  logs/           TensorBoard summaries (`ddjax.utils.metrics`)
 A run resumes from the latest checkpoint there, with the data order and rngs of an
 uninterrupted run; `load_student(WORKDIR)` rebuilds (DDConfig, params) for a sampler.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
+import dataclasses
 import json
 import os
-import sys
 import time
-import types
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,108 +34,22 @@ from clu import metrics as clu_metrics
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddjax import run as run_lib
 from ddjax import sharding as sharding_lib
 from ddjax.mapper.pairs import PairDataset
-from ddjax.student import losses, optim
+from ddjax.student import losses
 from ddjax.student import model as model_lib
-from ddjax.teacher.gpt import GPTConfig, as_dtype
+from ddjax.student.loading import CKPT_DIR, STUDENT_DIR
+from ddjax.teacher.base import Teacher
+from ddjax.teacher.llamagen.gpt import GPTConfig, as_dtype
+from ddjax.utils import optim
 from ddjax.utils.checkpoint import META_FILE, config_to_dict
+from ddjax.utils.metrics import create_writer, import_clu
 
-STUDENT_DIR = "student"
-CKPT_DIR = "checkpoints"
 LOG_DIR = "logs"
 ARRAY_ITEMS = ("params", "ema_params", "opt_state")
 SHARDINGS = ("data", "fsdp")
-
-
-# -- clu metric writers without TensorFlow ----------------------------------------------------
-@functools.cache
-def _tensorboardx_writer_class() -> type:
-    import tensorboardX  # noqa: PLC0415
-    from clu.metric_writers import interface  # noqa: PLC0415
-
-    class TensorboardXWriter(interface.MetricWriter):
-        """clu MetricWriter writing TensorBoard event files with tensorboardX (no TensorFlow)."""
-
-        def __init__(self, logdir: str):
-            self._writer = tensorboardX.SummaryWriter(logdir=logdir)
-
-        def write_summaries(self, step, values, metadata=None):
-            logging.log_first_n(logging.WARNING, "TensorboardXWriter skips raw summaries", 1)
-
-        def write_scalars(self, step, scalars):
-            for k, v in scalars.items():
-                self._writer.add_scalar(k, float(np.asarray(v)), global_step=step)
-
-        def write_images(self, step, images):
-            for k, v in images.items():
-                v = np.asarray(v)
-                fmt = "NHWC" if v.ndim == 4 else "HWC"
-                (self._writer.add_images if v.ndim == 4 else self._writer.add_image)(
-                    k, v, global_step=step, dataformats=fmt)
-
-        def write_videos(self, step, videos):
-            logging.log_first_n(logging.WARNING, "TensorboardXWriter skips videos", 1)
-
-        def write_audios(self, step, audios, *, sample_rate):
-            for k, v in audios.items():
-                self._writer.add_audio(k, np.asarray(v), global_step=step, sample_rate=sample_rate)
-
-        def write_texts(self, step, texts):
-            for k, v in texts.items():
-                self._writer.add_text(k, v, global_step=step)
-
-        def write_histograms(self, step, arrays, num_buckets=None):
-            for k, v in arrays.items():
-                bins = None if num_buckets is None else num_buckets.get(k)
-                self._writer.add_histogram(k, np.asarray(v), global_step=step, bins="auto",
-                                           max_bins=bins)
-
-        def write_hparams(self, hparams):
-            text = "\n".join(f"    {k} = {v!r}" for k, v in sorted(hparams.items()))
-            self._writer.add_text("hparams", text, global_step=0)
-
-        def flush(self):
-            self._writer.flush()
-
-        def close(self):
-            self._writer.close()
-
-    return TensorboardXWriter
-
-
-def _summary_writer_shim(logdir: str):
-    """clu's `SummaryWriter(logdir)` when TensorFlow is absent: tensorboardX or an ImportError."""
-    if not _importable("tensorboardX"):
-        raise ImportError("TensorBoard summaries need tensorflow or tensorboardX installed")
-    return _tensorboardx_writer_class()(logdir)
-
-
-def _import_clu() -> tuple[Any, Any]:
-    """(clu.metric_writers, clu.periodic_actions). Both import clu's TF summary writer module,
-    which fails without TensorFlow (not a ddjax dependency); then its SummaryWriter is replaced
-    by a tensorboardX one before the import."""
-    name = "clu.metric_writers.summary_writer"
-    if name not in sys.modules and not _importable("tensorflow"):
-        shim = types.ModuleType(name, "clu SummaryWriter backed by tensorboardX (no TensorFlow).")
-        shim.SummaryWriter = _summary_writer_shim
-        sys.modules[name] = shim
-    from clu import metric_writers, periodic_actions  # noqa: PLC0415
-
-    return metric_writers, periodic_actions
-
-
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def summaries_available() -> bool:
-    """True when TensorBoard files can be written (tensorflow or tensorboardX importable)."""
-    return _importable("tensorflow") or _importable("tensorboardX")
+# (continuous tokens [B, L, d], target codes [B, L, d]) -> per-image loss [B]
+ImageLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -151,11 +60,45 @@ def student_config(teacher: GPTConfig, codebook_dim: int, compute_dtype: Any = "
                                param_dtype=jnp.float32)
 
 
-def check_train_config(tc: Any, block_size: int, batch_shards: int = 1) -> None:
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Everything the trainer reads (config.train holds the same fields)."""
+
+    t_list: tuple[int, ...] = (0, 80)  # timesteps t the student is trained at
+    t_weights: tuple[float, ...] = (1.0, 1.0)  # sampling weights of t_list
+    batch_size: int = 32  # global
+    num_steps: int = 10_000
+    lr: float = 1e-4
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
+    ce_weight: float = 1.0  # cross-entropy on the logits head
+    cont_weight: float = 1.0  # continuous head loss
+    cont_loss: str = "mse"  # "mse" to the target codes, or "lpips" on VQ-decoded images
+    lpips_weights: str = ""  # torchvision VGG16 weights for cont_loss="lpips"
+    lpips_lin_weights: str = ""  # LPIPS linear layers ("" = the installed lpips package's)
+    compute_dtype: str = "float32"  # or "bfloat16"
+    sharding: str = "data"  # "data" (replicated params) or "fsdp"
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    shuffle_window: int = 16  # shards shuffled together
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_train_settings(tc: TrainSettings, teacher: Teacher, batch_shards: int = 1) -> None:
     """Raises a ValueError naming the first bad `config.train` field."""
     t_list, weights = tuple(tc.t_list), tuple(tc.t_weights)
-    if not t_list or any(int(t) != t or not 0 <= t < block_size for t in t_list):
-        raise ValueError(f"config.train.t_list={t_list}: need integers in [0, {block_size})")
+    if not t_list:
+        raise ValueError("config.train.t_list is empty")
+    teacher.check_timesteps(t_list, "config.train.t_list")
     if len(set(t_list)) != len(t_list):
         raise ValueError(f"config.train.t_list={t_list} repeats a timestep")
     if len(weights) != len(t_list) or min(weights) < 0 or sum(weights) <= 0:
@@ -166,10 +109,15 @@ def check_train_config(tc: Any, block_size: int, batch_shards: int = 1) -> None:
     if tc.batch_size <= 0 or tc.batch_size % batch_shards:
         raise ValueError(f"config.train.batch_size={tc.batch_size} must be a positive multiple of "
                          f"the {batch_shards} batch shards of the mesh")
-    for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if tc[name] <= 0:
-            raise ValueError(f"config.train.{name} must be positive, got {tc[name]}")
-    as_dtype(tc.compute_dtype)
+    for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "shuffle_window"):
+        if getattr(tc, name) <= 0:
+            raise ValueError(f"config.train.{name} must be positive, got {getattr(tc, name)}")
+    if tc.lr <= 0 or tc.warmup_steps < 0:
+        raise ValueError(f"config.train.lr={tc.lr} must be > 0 and warmup_steps={tc.warmup_steps} >= 0")
+    try:
+        as_dtype(tc.compute_dtype)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"config.train.compute_dtype={tc.compute_dtype!r}: {e}") from e
     losses.check_cont_loss(tc.cont_loss, tc.lpips_weights)
 
 
@@ -216,7 +164,8 @@ def make_init_fn(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformation
 
 
 def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, tc: Any, codebook: Any, gather_params: Any = None):
+                    schedule: optax.Schedule, tc: TrainSettings, codebook: Any,
+                    gather_params: Any = None, image_loss: ImageLoss | None = None):
     """The pure update: train_step(state, batch, rng) -> (state, metrics Collection).
 
     batch: noise [B, L, d] f32, tokens [B, L] int32, labels [B] int32. rng: the run's training
@@ -225,6 +174,9 @@ def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformat
     gather_params: with FSDP, a (replicated) sharding the forward pass constrains the params
     to: weights are all-gathered for the batch-parallel compute and their gradients
     reduce-scattered back to the shards (instead of XLA resharding activations).
+    image_loss: with cont_loss="lpips", (continuous [B, L, d], target codes [B, L, d]) -> [B]
+    (a perceptual distance of the decoded images); the continuous head is scored by it, with
+    the positions before t passed through from X_t as at sampling time.
     """
     model = model_lib.DDModel(model_cfg)
     codebook = jnp.asarray(codebook, jnp.float32)
@@ -232,7 +184,9 @@ def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformat
     t_values = jnp.asarray(t_list, jnp.int32)
     log_w = jnp.log(jnp.asarray(tc.t_weights, jnp.float32))
     ce_w, cont_w, ema_decay = float(tc.ce_weight), float(tc.cont_weight), float(tc.ema_decay)
-    ema_warmup = bool(tc.get("ema_warmup", True))
+    ema_warmup = bool(tc.ema_warmup)
+    if tc.cont_loss == "lpips" and image_loss is None:
+        raise ValueError("config.train.cont_loss='lpips' needs an image loss (the LPIPS network)")
 
     def loss_fn(params, batch, t):
         if gather_params is not None:
@@ -242,7 +196,11 @@ def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformat
         cont, logits = model.apply({"params": params}, x_t, batch["labels"], t)
         terms = losses.per_position(cont, logits, tokens, codebook)
         mask = losses.target_mask(t, tokens.shape[1])
-        loss, _ = losses.dd_loss(terms, mask, ce_weight=ce_w, cont_weight=cont_w)
+        if tc.cont_loss == "lpips":
+            mixed = jnp.where(mask[..., None], cont.astype(jnp.float32), x_t)
+            terms = {**terms, "image": image_loss(mixed, codebook[tokens])}
+        loss, _ = losses.dd_loss(terms, mask, ce_weight=ce_w, cont_weight=cont_w,
+                                 cont_loss=tc.cont_loss)
         return loss, (terms, mask)
 
     def train_step(state, batch, rng):
@@ -317,14 +275,15 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract: Any, shardin
     return state
 
 
-def student_meta(model_cfg: model_lib.DDConfig, config: Any, data_dir: str) -> dict:
+def student_meta(model_cfg: model_lib.DDConfig, teacher: Teacher, tc: TrainSettings,
+                 data_dir: str) -> dict:
     return {"kind": "dd",
             "model_config": {"gpt": config_to_dict(model_cfg.gpt), "codebook_dim": model_cfg.codebook_dim},
             "checkpoints": CKPT_DIR, "items": list(ARRAY_ITEMS),
-            "teacher": {"variant": config.teacher.variant, "checkpoint": config.teacher.checkpoint},
-            "vq": {"variant": config.vq.variant, "checkpoint": config.vq.checkpoint},
+            "teacher": {"family": teacher.family, "variant": teacher.variant,
+                        "checkpoint": teacher.checkpoint},
             "pairs": os.path.abspath(data_dir),
-            "train": json.loads(config.train.to_json_best_effort())}
+            "train": tc.to_json()}
 
 
 def _write_meta(student_dir: str, meta: dict) -> None:
@@ -345,34 +304,6 @@ def _write_meta(student_dir: str, meta: dict) -> None:
         os.replace(path + ".tmp", path)
 
 
-def model_config_from_meta(meta: dict) -> model_lib.DDConfig:
-    mc = meta["model_config"]
-    gpt = {k: (tuple(v) if isinstance(v, list) else v) for k, v in mc["gpt"].items()}
-    return model_lib.DDConfig(GPTConfig(**gpt), int(mc["codebook_dim"]))
-
-
-def load_student(path: str, step: int | None = None,
-                 ema: bool = True) -> tuple[model_lib.DDConfig, Any, dict]:
-    """(DDConfig, params, meta) from a training run: `path` is WORKDIR or WORKDIR/student; the
-    EMA (default) or raw params of checkpoint `step` (default: the latest)."""
-    student_dir = path if os.path.exists(os.path.join(path, META_FILE)) else os.path.join(path, STUDENT_DIR)
-    with open(os.path.join(student_dir, META_FILE)) as f:
-        meta = json.load(f)
-    if meta.get("kind") != "dd":
-        raise ValueError(f"{student_dir} holds a {meta.get('kind')!r} checkpoint, not a DD student")
-    model_cfg = model_config_from_meta(meta)
-    mngr = ocp.CheckpointManager(os.path.join(student_dir, meta.get("checkpoints", CKPT_DIR)),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{student_dir} has no training checkpoint yet")
-    abstract = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg), jax.random.PRNGKey(0))
-    item = "ema_params" if ema else "params"
-    got = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
-    mngr.close()
-    return model_cfg, got[item], {**meta, "step": int(step)}
-
-
 # -- the loop ---------------------------------------------------------------------------------
 class NonFiniteError(FloatingPointError):
     """A training metric became NaN/inf; the bad state was not saved."""
@@ -387,43 +318,39 @@ def _first_non_finite(records: list[tuple[int, Any]]) -> tuple[int, str, float] 
     return None
 
 
-def _open_dataset(config: Any, workdir: str) -> tuple[PairDataset, str]:
-    data_dir = run_lib.pairs_dir(config, workdir)
-    if not os.path.exists(os.path.join(data_dir, "dataset.json")):
-        raise FileNotFoundError(f"no pair dataset in {data_dir}: run --config.mode=generate first "
-                                "(or point --config.data.dir at one)")
-    return PairDataset(data_dir), data_dir
+def check_dataset(dataset: PairDataset, teacher: Teacher) -> None:
+    """Raises a ValueError unless the pairs were written for this teacher's shapes."""
+    spec = dataset.spec
+    want = {"seq_len": teacher.seq_len, "noise_dim": teacher.code_dim,
+            "num_classes": teacher.num_classes}
+    bad = {k: (getattr(spec, k), v) for k, v in want.items() if getattr(spec, k) != v}
+    if spec.generator.get("vocab_size", teacher.vocab_size) != teacher.vocab_size:
+        bad["vocab_size"] = (spec.generator["vocab_size"], teacher.vocab_size)
+    if bad:
+        raise ValueError(f"pairs in {dataset.directory} do not fit this teacher ((dataset, teacher): {bad})")
 
 
-def train(config: Any, workdir: str) -> dict:
-    """Trains (or resumes training of) the student; returns final metrics and paths.
+def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir: str, mesh: Any,
+          seed: int = 0, init_from_teacher: bool = True, image_loss: ImageLoss | None = None) -> dict:
+    """Trains (or resumes training of) the student in WORKDIR/student on `dataset`.
+
+    The student has the teacher's sizes; `init_from_teacher` copies the teacher's weights into
+    a fresh run. image_loss: the perceptual loss for cont_loss="lpips" (see make_train_step).
 
     Returns {"step", "start_step", "metrics" (the last logged), "history" [(step, metrics)],
     "losses" {step: loss of that update} for the steps run by this call, "student_dir",
     "checkpoint_dir", "log_dir", "latest_checkpoint"}. Raises NonFiniteError (naming the step
     and metric) when a metric turns NaN/inf; the checkpoints then end at the last good one.
     """
-    tc = config.train
-    teacher_cfg = run_lib.teacher_config(config)
-    mesh = run_lib.make_mesh(config)
-    check_train_config(tc, teacher_cfg.block_size, sharding_lib.batch_size_per_step(mesh))
-    dataset, data_dir = _open_dataset(config, workdir)
-    vq_cfg, vq_params = run_lib.load_vq(config)
-    codebook = run_lib.vq_codebook(vq_params, vq_cfg)
-    del vq_params
-    spec = dataset.spec
-    want = {"seq_len": teacher_cfg.block_size, "noise_dim": codebook.shape[1],
-            "num_classes": teacher_cfg.num_classes}
-    bad = {k: (getattr(spec, k), v) for k, v in want.items() if getattr(spec, k) != v}
-    if spec.generator.get("vocab_size", teacher_cfg.vocab_size) != teacher_cfg.vocab_size:
-        bad["vocab_size"] = (spec.generator["vocab_size"], teacher_cfg.vocab_size)
-    if bad:
-        raise ValueError(f"pairs in {data_dir} do not fit this model ((dataset, model): {bad})")
+    check_train_settings(tc, teacher, sharding_lib.batch_size_per_step(mesh))
+    check_dataset(dataset, teacher)
+    data_dir = dataset.directory
+    codebook = teacher.codebook
 
-    model_cfg = student_config(teacher_cfg, codebook.shape[1], tc.compute_dtype)
+    model_cfg = student_config(teacher.config, teacher.code_dim, tc.compute_dtype)
     tx, schedule = optim.make_optimizer(tc)
     init_fn = make_init_fn(model_cfg, tx)
-    root = jax.random.PRNGKey(config.seed)
+    root = jax.random.PRNGKey(seed)
     init_rng, step_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     abstract = jax.eval_shape(init_fn, init_rng, None)
     state_sh = state_shardings(abstract, mesh, tc.sharding)
@@ -432,38 +359,35 @@ def train(config: Any, workdir: str) -> dict:
     student_dir = os.path.join(workdir, STUDENT_DIR)
     ckpt_dir, log_dir = os.path.join(student_dir, CKPT_DIR), os.path.join(student_dir, LOG_DIR)
     os.makedirs(student_dir, exist_ok=True)
-    _write_meta(student_dir, student_meta(model_cfg, config, data_dir))
+    _write_meta(student_dir, student_meta(model_cfg, teacher, tc, data_dir))
     mngr = checkpoint_manager(ckpt_dir, tc.keep_checkpoints)
     start = mngr.latest_step()
     if start is not None:
         logging.info("resuming from %s step %d", ckpt_dir, start)
         state = restore_state(mngr, start, abstract, state_sh)
     else:
-        start, teacher, kw = 0, None, {}
-        if config.student.init_from_teacher:
-            _, teacher = run_lib.load_teacher(config)  # used here once, never saved
+        start, kw = 0, {}
+        weights = teacher.params if init_from_teacher else None
+        if weights is not None:
             # The teacher goes in sharded like the student's state (replicated with "data").
             kw["in_shardings"] = (sharding_lib.replicated(mesh),
-                                  state_shardings(teacher, mesh, tc.sharding))
-        state = jax.jit(init_fn, out_shardings=state_sh, **kw)(init_rng, teacher)
-        del teacher
+                                  state_shardings(weights, mesh, tc.sharding))
+        state = jax.jit(init_fn, out_shardings=state_sh, **kw)(init_rng, weights)
     n_params = model_lib.param_count(abstract["params"])
     logging.info("student: %d parameters, %s sharding over %s, compute %s", n_params, tc.sharding,
                  dict(mesh.shape), tc.compute_dtype)
 
     gather = sharding_lib.replicated(mesh) if tc.sharding == "fsdp" else None
-    step_fn = jit_train_step(make_train_step(model_cfg, tx, schedule, tc, codebook, gather),
+    step_fn = jit_train_step(make_train_step(model_cfg, tx, schedule, tc, codebook, gather, image_loss),
                              state_sh, batch_sh, mesh)
-    metric_writers, periodic_actions = _import_clu()
-    if not summaries_available():
-        logging.warning("no TensorBoard backend (tensorflow or tensorboardX): metrics go to the log only")
-    writer = metric_writers.create_default_writer(log_dir if summaries_available() else None,
-                                                  just_logging=jax.process_index() > 0)
+    _, periodic_actions = import_clu()
+    writer = create_writer(log_dir)
     if start == 0:
-        writer.write_hparams({k: v for k, v in tc.items() if isinstance(v, (int, float, str, bool))})
+        writer.write_hparams({k: v for k, v in tc.to_json().items()
+                              if isinstance(v, (int, float, str, bool))})
     report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
                                              every_steps=tc.log_every, every_secs=None)
-    batches = dataset.batches(tc.batch_size, seed=config.seed, start_step=start,
+    batches = dataset.batches(tc.batch_size, seed=seed, start_step=start,
                               window=tc.shuffle_window)
     result = {"start_step": start, "step": start, "metrics": {}, "history": [], "losses": {},
               "student_dir": student_dir, "checkpoint_dir": ckpt_dir, "log_dir": log_dir,

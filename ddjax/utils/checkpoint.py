@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ddjax.utils.state_dict import check_params
+
 META_FILE = "ddjax.json"
 
 
@@ -84,8 +86,6 @@ def load_params(directory: str, template: Any = None, kind: str | None = None) -
     if template is None:
         params = ckptr.restore(path)
     else:
-        from ddjax.convert.mapping import check_params  # noqa: PLC0415
-
         stored = ckptr.metadata(path).item_metadata.tree
         check_params(stored, template, source=directory)
         abstract = jax.tree_util.tree_map(

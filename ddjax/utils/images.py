@@ -13,6 +13,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+def save_image_uint8(images: np.ndarray) -> np.ndarray:
+    """[N, H, W, C] in [-1, 1] -> uint8 exactly as torchvision's `save_image((x + 1) / 2)`
+    writes a PNG (floor(255 x + 0.5), clamped), the quantisation the official DD scripts
+    compute FID on."""
+    x = (np.asarray(images, np.float32) + 1.0) / 2.0
+    return np.clip(np.floor(x * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, nrow*(W+pad)+pad, C] image."""
     n, h, w, c = images.shape

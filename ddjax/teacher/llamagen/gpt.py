@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax.teacher.layers import (
+from ddjax.teacher.llamagen.layers import (
     KVCache,
     RMSNorm,
     TransformerBlock,

@@ -12,7 +12,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 # Where training scripts nest the weights, in the order we prefer them when several exist
 # (EMA weights are the ones to sample with).
@@ -42,8 +45,6 @@ def _tensor_to_numpy(t: Any) -> np.ndarray:
     torch = _require_torch("reading .pt tensors")
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes  # noqa: PLC0415
-
         return t.float().numpy().astype(ml_dtypes.bfloat16)
     return t.numpy()
 
@@ -52,9 +53,11 @@ def _load_raw(path: str) -> Mapping[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path} as a safetensors file (truncated or "
+                                  f"corrupt?): {e}") from e
     if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
         torch = _require_torch(f"reading {os.path.basename(path)}")
         try:
@@ -131,8 +134,6 @@ def write_state_dict(path: str, state: StateDict, nest_under: tuple[str, ...] = 
     """
     tmp = path + ".tmp"
     if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file  # noqa: PLC0415
-
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp)
     elif path.endswith((".pt", ".pth")):
         torch = _require_torch("writing .pt files")

@@ -11,7 +11,7 @@ Images are NHWC in [-1, 1]; latents are NHWC [B, h, w, d]; token ids are row-maj
     images = decode_ids(params, cfg, ids)            # [B, 256, 256, 3]
 
 Module and parameter names follow the PyTorch modules (`encoder.conv_blocks.0.res.1.norm1`,
-`quantize.embedding`, ...) so that checkpoints convert by `ddjax.convert.mapping`.
+`quantize.embedding`, ...) so that checkpoints convert by `ddjax.utils.state_dict`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ddjax.teacher.gpt import as_dtype
+from ddjax.teacher.llamagen.gpt import as_dtype
 
 Dtype = Any
 NORM_GROUPS = 32  # LlamaGen's `Normalize`: GroupNorm(32 groups, eps 1e-6)

@@ -1,7 +1,7 @@
 """LlamaGen transformer layers: RMSNorm, SwiGLU, 2-D RoPE and attention with a KV cache.
 
 Parameter names follow LlamaGen's PyTorch modules (`wqkv`, `wo`, `w1`..`w3`, `weight`) so that
-checkpoints convert by a mechanical renaming (see `ddjax.convert.mapping`).
+checkpoints convert by a mechanical renaming (see `ddjax.utils.state_dict`).
 """
 
 from __future__ import annotations

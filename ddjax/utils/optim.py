@@ -1,7 +1,8 @@
-"""The student's optimiser: AdamW with a weight-decay mask, warmup + cosine decay, global-norm
-clipping, and an exponential moving average (EMA) of the parameters.
+"""The one optimiser / EMA helper of every trainer (the DD student, the digits demo teacher):
+AdamW with a weight-decay mask, warmup + cosine decay, global-norm clipping, and an
+exponential moving average (EMA) of the parameters.
 
-Everything is built from `config.train` (see configs/llamagen.py):
+Built from a settings object with these fields (config.train, configs/llamagen.py):
   lr, warmup_steps, num_steps, min_lr_ratio   the schedule (`lr_schedule`)
   b1, b2, weight_decay, grad_clip             AdamW and clipping (`make_optimizer`)
   ema_decay, ema_warmup                       the EMA (`ema_decay_at`, `ema_update`)
@@ -53,17 +54,36 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(train_cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(AdamW chain, lr schedule) from config.train: clip_by_global_norm(grad_clip) (skipped when
-    grad_clip <= 0), then AdamW(b1, b2, weight_decay) with `decay_mask`."""
-    schedule = lr_schedule(train_cfg.lr, train_cfg.warmup_steps, train_cfg.num_steps,
-                           train_cfg.min_lr_ratio)
+def optax_schedule(lr: float, warmup_steps: int, num_steps: int, min_lr_ratio: float) -> optax.Schedule:
+    """optax's warmup_cosine_decay_schedule from 0 (the digits demo teacher's schedule)."""
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup_steps), max(num_steps, warmup_steps + 1),
+                                              end_value=lr * min_lr_ratio)
+
+
+def matrices_mask(params: Any) -> Any:
+    """Weight decay on every >= 2-D leaf (matrices, conv kernels, embeddings), as LlamaGen's
+    own training does."""
+    return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+
+
+SCHEDULES = {"warmup_cosine": lr_schedule, "optax_warmup_cosine": optax_schedule}
+DECAY_MASKS = {"kernels": decay_mask, "matrices": matrices_mask}
+
+
+def make_optimizer(train_cfg: Any, *, schedule: str = "warmup_cosine", decay: str = "kernels"
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(AdamW chain, lr schedule) from settings with lr, warmup_steps, num_steps, min_lr_ratio,
+    b1, b2, weight_decay, grad_clip: clip_by_global_norm(grad_clip) (skipped when grad_clip
+    <= 0), then AdamW with the `decay` mask ("kernels": `decay_mask`, "matrices":
+    `matrices_mask`) on the `schedule` ("warmup_cosine": `lr_schedule`, "optax_warmup_cosine")."""
+    sched = SCHEDULES[schedule](train_cfg.lr, train_cfg.warmup_steps, train_cfg.num_steps,
+                                train_cfg.min_lr_ratio)
     parts = []
     if train_cfg.grad_clip and train_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-    parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2,
-                             weight_decay=train_cfg.weight_decay, mask=decay_mask))
-    return optax.chain(*parts), schedule
+    parts.append(optax.adamw(sched, b1=train_cfg.b1, b2=train_cfg.b2,
+                             weight_decay=train_cfg.weight_decay, mask=DECAY_MASKS[decay]))
+    return optax.chain(*parts), sched
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool = True) -> jax.Array:

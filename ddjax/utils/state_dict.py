@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from ddjax.convert.torch_io import CheckpointError, StateDict
+from ddjax.utils.torch_io import CheckpointError, StateDict
 
 _LIST_ENTRY = re.compile(r"^(.*)_(\d+)$")
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}

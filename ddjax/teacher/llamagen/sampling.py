@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -28,11 +27,12 @@ from jax.sharding import Mesh
 
 from ddjax.kernels import default_implementation
 from ddjax.sharding import batch_sharding, batch_size_per_step, replicated
-from ddjax.teacher.gpt import GPT, GPTConfig, init_cache
+from ddjax.teacher.base import TokenRule
+from ddjax.teacher.llamagen.gpt import GPT, GPTConfig, init_cache
 
 # rule(key, logp [B, V] float32 with -inf for removed tokens, position (int32 scalar),
 #      inputs: pytree of [B, ...] for this position) -> token ids [B] int32
-TokenRule = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
+# (ddjax.teacher.base.TokenRule with one position per step).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +220,9 @@ def _sample_impl(params, cond, key, prefix, rule_inputs, *, config: GPTConfig,
         lg = state.logits
         if cfg:
             lg = lg.reshape(b, 2, -1)
-            use = (settings.cfg_interval < 0) | (i <= settings.cfg_interval + 1)
+            # The interval counts from the end of the prefix, as the official
+            # intermediate_generate does (LlamaGen's generate() is the prefix_len = 0 case).
+            use = (settings.cfg_interval < 0) | (i <= settings.cfg_interval + 1 + prefix_len)
             lg = guide(lg[:, 0], lg[:, 1], settings.cfg_scale, use)
         logp = process_logits(lg, settings)
         inputs = jax.tree_util.tree_map(lambda x: x[:, i], rule_inputs)
@@ -285,7 +287,7 @@ def sample(
         (the flow-matching map passes its noise here).
       prefix_ids: [B, >= prefix_len] tokens to continue from (teacher-involved sampling);
         positions < prefix_len are copied, the rest are sampled.
-      prefix_len: static number of given tokens.
+      prefix_len: static number of given tokens. `settings.cfg_interval` counts from here.
       num_tokens: tokens to produce (default block_size).
       mesh: split the batch over the mesh's batch axes (B must divide evenly).
     Returns:

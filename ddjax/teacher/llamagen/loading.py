@@ -7,9 +7,11 @@ from typing import Any
 
 import jax
 
-from ddjax.convert.mapping import torch_to_flax
-from ddjax.convert.torch_io import read_state_dict
+from ddjax.teacher.llamagen import gpt as gpt_lib
+from ddjax.teacher.llamagen import vq as vq_lib
 from ddjax.utils.checkpoint import load_params
+from ddjax.utils.state_dict import torch_to_flax
+from ddjax.utils.torch_io import read_state_dict
 
 
 def abstract_params(init_fn, config: Any) -> Any:
@@ -35,13 +37,9 @@ def load_weights(path: str, template: Any, kind: str, weights_key: str | None = 
 
 def load_gpt(path: str, config: Any, weights_key: str | None = None) -> Any:
     """LlamaGen GPT params for `config` from `.pt`, `.safetensors` or a ddjax directory."""
-    from ddjax.teacher.gpt import init_params  # noqa: PLC0415
-
-    return load_weights(path, abstract_params(init_params, config), "gpt", weights_key)
+    return load_weights(path, abstract_params(gpt_lib.init_params, config), "gpt", weights_key)
 
 
 def load_vq(path: str, config: Any, weights_key: str | None = None) -> Any:
     """LlamaGen VQ params for `config` from `.pt`, `.safetensors` or a ddjax directory."""
-    from ddjax.teacher.vq import init_params  # noqa: PLC0415
-
-    return load_weights(path, abstract_params(init_params, config), "vq", weights_key)
+    return load_weights(path, abstract_params(vq_lib.init_params, config), "vq", weights_key)

@@ -1,0 +1,149 @@
+"""Config -> the run's objects, each built once: teacher, mesh, pair dataset, student, features.
+
+Paths in a config may start with `ddjax:` (inside the installed package, e.g. the shipped
+digits teacher `ddjax:assets/digits/gpt.safetensors`); they are resolved here
+(`ddjax.utils.paths`), when the job starts, so that configs stay plain data.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from ddjax import sharding
+from ddjax.evaluate.digits import digits_images
+from ddjax.evaluate.features import FeatureExtractor, get_extractor
+from ddjax.mapper.pairs import PairDataset
+from ddjax.student.loading import load_student
+from ddjax.student.train import ImageLoss, TrainSettings
+from ddjax.teacher.base import Teacher
+from ddjax.teacher.llamagen import gpt as gpt_lib
+from ddjax.teacher.llamagen import vq as vq_lib
+from ddjax.teacher.llamagen.family import LlamaGenTeacher
+from ddjax.teacher.llamagen.loading import load_gpt, load_vq
+from ddjax.utils.paths import resolve_path
+
+
+def _fields(block: Any) -> dict[str, Any]:
+    """Config block -> dict without None values (None keeps the variant's default)."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in block.items() if v is not None}
+
+
+# -- teachers -----------------------------------------------------------------------------------
+def gpt_config(config: Any) -> gpt_lib.GPTConfig:
+    t = config.teacher
+    return gpt_lib.gpt_config(t.variant, dtype=t.dtype, param_dtype=t.param_dtype, **_fields(t.model))
+
+
+def vq_config(config: Any) -> vq_lib.VQConfig:
+    return vq_lib.vq_config(config.vq.variant, dtype=config.vq.dtype, **_fields(config.vq.model))
+
+
+def _load_or_init(block: Any, what: str, load_fn, init_fn, cfg, seed: int):
+    path = resolve_path(block.checkpoint)
+    if path:
+        logging.info("loading %s weights from %s", what, path)
+        return load_fn(path, cfg, block.weights_key)
+    if not block.random_init:
+        raise ValueError(
+            f"config.{what}.checkpoint is empty: point it at a checkpoint "
+            f"(--config.{what}.checkpoint=PATH) or set --config.{what}.random_init=True")
+    logging.warning("%s: random weights (config.%s.random_init=True)", what, what)
+    return init_fn(cfg, jax.random.PRNGKey(seed))
+
+
+def build_llamagen(config: Any) -> LlamaGenTeacher:
+    cfg, vcfg = gpt_config(config), vq_config(config)
+    params = _load_or_init(config.teacher, "teacher", load_gpt, gpt_lib.init_params, cfg, config.seed)
+    vparams = _load_or_init(config.vq, "vq", load_vq, vq_lib.init_params, vcfg, config.seed + 1)
+    teacher = LlamaGenTeacher(cfg, params, vcfg, vparams, variant=config.teacher.variant,
+                              checkpoint=resolve_path(config.teacher.checkpoint))
+    if not teacher.has_null_class:
+        logging.warning("teacher has no null class row: CFG is unavailable")
+    return teacher
+
+
+FAMILIES = {"llamagen": build_llamagen}
+
+
+def build_teacher(config: Any) -> Teacher:
+    """The teacher of `config.teacher.family` (weights, tokenizer and codebook), built once."""
+    family = config.teacher.family
+    if family not in FAMILIES:
+        raise ValueError(f"config.teacher.family={family!r}; available: {sorted(FAMILIES)}")
+    return FAMILIES[family](config)
+
+
+# -- the rest -----------------------------------------------------------------------------------
+def make_mesh(config: Any, local: bool = False) -> Any:
+    """The mesh of config.mesh over all devices (or this process's, for pair generation)."""
+    return sharding.make_mesh(dict(config.mesh), devices=jax.local_devices() if local else None)
+
+
+def pairs_dir(config: Any, workdir: str) -> str:
+    return config.data.dir or os.path.join(workdir, "pairs")
+
+
+def open_pairs(config: Any, workdir: str) -> PairDataset:
+    directory = pairs_dir(config, workdir)
+    if not os.path.exists(os.path.join(directory, "dataset.json")):
+        raise FileNotFoundError(f"no pair dataset in {directory}: run --config.mode=generate first "
+                                "(or point --config.data.dir at one)")
+    return PairDataset(directory)
+
+
+def student(config: Any, workdir: str, teacher: Teacher) -> tuple[Any, Any]:
+    """(DDConfig, params): config.student.checkpoint, else the latest EMA of WORKDIR's run."""
+    path = resolve_path(config.student.checkpoint) or workdir
+    cfg, params, meta = load_student(path, teacher)
+    if "step" in meta:
+        logging.info("student: training step %d of %s (EMA)", meta["step"], path)
+    return cfg, params
+
+
+def class_labels(spec: str | None, num: int, num_classes: int, seed: int) -> np.ndarray:
+    """config.sampling.labels ("1,2,3", cycled) or seeded uniform classes, [num] int32."""
+    if spec:
+        given = [int(x) for x in str(spec).split(",") if x.strip()]
+        bad = [x for x in given if not 0 <= x < num_classes]
+        if bad:
+            raise ValueError(f"config.sampling.labels has classes outside [0, {num_classes}): {bad}")
+        return np.resize(np.asarray(given, np.int32), num)
+    return np.random.default_rng(seed).integers(0, num_classes, num).astype(np.int32)
+
+
+def extractor(config: Any) -> FeatureExtractor:
+    weights = resolve_path(config.eval.extractor_weights)
+    return get_extractor(config.eval.extractor, weights or None)
+
+
+def reference(config: Any, image_size: int) -> Any:
+    """The FID reference: the digits images [M, H, W, 3] in [-1, 1], or a statistics path."""
+    ref = config.eval.reference
+    if ref == "digits":
+        return digits_images(size=image_size)[0]
+    path = resolve_path(ref)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.eval.reference not found: {path}")
+    return path
+
+
+def image_loss(train: TrainSettings, teacher: Teacher) -> ImageLoss | None:
+    """cont_loss="lpips": LPIPS between the frozen decoder's images of the continuous tokens
+    and of the target codes (the official `--loss_norm lpips`); None otherwise."""
+    if train.cont_loss != "lpips":
+        return None
+    from ddjax.evaluate import lpips as lpips_lib  # noqa: PLC0415
+    lpips_params = lpips_lib.load_lpips(resolve_path(train.lpips_weights),
+                                        resolve_path(train.lpips_lin_weights) or None)
+    distance = lpips_lib.lpips_loss_fn(lpips_params)
+    decode = teacher.latent_decoder()
+
+    def loss(latents: jax.Array, targets: jax.Array) -> jax.Array:
+        return distance(decode(latents), jax.lax.stop_gradient(decode(targets)))
+
+    return loss

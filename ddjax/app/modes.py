@@ -1,0 +1,223 @@
+"""The modes of `python -m ddjax.main` (config.mode), and the one list of them: `MODES`.
+
+Each mode takes a `Run` (the config, its settings read once, the workdir) whose objects —
+teacher, meshes, pairs, student, feature extractor — are built on first use and shared by
+every stage of the run (`all` builds the teacher once for generate, train and evaluate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from ddjax import sharding
+from ddjax.app import build
+from ddjax.app.settings import Settings, read_settings
+from ddjax.demo import digits_teacher
+from ddjax.evaluate import report as report_lib
+from ddjax.evaluate.methods import FLOW_MAP, ONESTEP, TEACHER, build_methods, marginals
+from ddjax.evaluate.report import eval_inputs, slug
+from ddjax.mapper.generate import write_pairs
+from ddjax.student import train as train_lib
+from ddjax.student.loading import load_training_run
+from ddjax.utils.batching import map_batches
+from ddjax.utils.images import save_grid
+
+
+@dataclasses.dataclass
+class Run:
+    """One job: the config, its settings and the objects built from them (each once)."""
+
+    config: Any
+    settings: Settings
+    workdir: str
+
+    @functools.cached_property
+    def teacher(self):
+        return build.build_teacher(self.config)
+
+    @functools.cached_property
+    def mesh(self):
+        return build.make_mesh(self.config)
+
+    @functools.cached_property
+    def local_mesh(self):
+        return build.make_mesh(self.config, local=True)
+
+    @functools.cached_property
+    def pairs(self):
+        return build.open_pairs(self.config, self.workdir)
+
+    @functools.cached_property
+    def student(self):
+        return build.student(self.config, self.workdir, self.teacher)
+
+    def check_stage_inputs(self) -> None:
+        """Checks the settings against the teacher (step boundaries, sizes) before any stage."""
+        t = self.teacher
+        self.settings.dd.check(t)
+        train_lib.check_train_settings(self.settings.train, t, sharding.batch_size_per_step(self.mesh))
+        self.settings.data.check(sharding.batch_size_per_step(self.local_mesh))
+        self.settings.eval.check()
+
+
+# -- modes --------------------------------------------------------------------------------------
+def mode_info(run: Run) -> dict:
+    t = run.teacher
+    n = sum(x.size for x in jax.tree_util.tree_leaves(t.params))
+    info = {"teacher": t.variant, "family": t.family, "parameters": int(n), "seq_len": t.seq_len,
+            "vocab_size": t.vocab_size, "devices": [str(d) for d in jax.devices()]}
+    logging.info("%s", info)
+    return info
+
+
+def mode_sample_teacher(run: Run) -> dict:
+    """Samples config.sampling.num_images teacher images; writes tokens and a PNG grid."""
+    s, t, mesh = run.settings, run.teacher, run.mesh
+    bs, n = s.sample_batch_size, s.sample_num_images
+    if bs % sharding.batch_size_per_step(mesh):
+        raise ValueError(f"config.sampling.batch_size={bs} must be a multiple of the "
+                         f"{sharding.batch_size_per_step(mesh)} batch shards")
+    labels = build.class_labels(s.sample_labels, n, t.num_classes, run.config.seed)
+    key = jax.random.PRNGKey(run.config.seed)
+    placed = t.with_params(jax.device_put(t.params, sharding.replicated(mesh)))
+    t0 = time.time()
+
+    def fn(lab: np.ndarray, start: np.ndarray) -> jax.Array:
+        return placed.sample(jnp.asarray(lab), jax.random.fold_in(key, int(start[0])), s.sampling,
+                             mesh=mesh)
+
+    def progress(done: int, total: int) -> None:
+        logging.info("teacher samples %d/%d (%.2f images/s)", done, total, done / (time.time() - t0))
+
+    starts = np.repeat(np.arange(0, n, bs), bs)[:n]
+    tokens, _ = map_batches(fn, (labels, starts), bs, on_batch=progress)
+    images = t.decode_ids(tokens)
+    os.makedirs(run.workdir, exist_ok=True)
+    np.savez(os.path.join(run.workdir, "teacher_samples.npz"), tokens=tokens, labels=labels)
+    grid = save_grid(os.path.join(run.workdir, "teacher_samples.png"), images,
+                     scale=max(1, 64 // images.shape[1]))
+    logging.info("wrote %s", grid)
+    return {"tokens": tokens, "labels": labels, "grid": grid}
+
+
+def mode_generate(run: Run) -> dict:
+    """Writes (noise, tokens, label) pair shards with the flow-matching map; resumable."""
+    directory = build.pairs_dir(run.config, run.workdir)
+    written = write_pairs(run.teacher, directory, run.settings.data, run.settings.sampling,
+                          run.settings.flow, mesh=run.local_mesh)
+    return {"dir": directory, "written": written}
+
+
+def mode_train(run: Run) -> dict:
+    return train_lib.train(run.teacher, run.pairs, run.settings.train, workdir=run.workdir,
+                           mesh=run.mesh, seed=run.config.seed,
+                           init_from_teacher=run.config.student.init_from_teacher,
+                           image_loss=build.image_loss(run.settings.train, run.teacher))
+
+
+def _description(run: Run) -> list[str]:
+    c, s = run.config, run.settings
+    return [f"Teacher `{run.teacher.variant}` ({run.teacher.checkpoint or 'random'}), "
+            f"{s.eval.num_samples} samples per method on the same noise and class labels.",
+            f"Teacher sampling: cfg_scale {s.sampling.cfg_scale}, top_k {s.sampling.top_k}, "
+            f"top_p {s.sampling.top_p}, temperature {s.sampling.temperature}; DD t_list "
+            f"{tuple(s.dd.t_list)}, split_t {s.dd.split_t}, teacher_start {s.dd.teacher_start}"
+            + (f", teacher_split_t {s.dd.resolved_teacher_split_t}" if s.dd.teacher_involved else "")
+            + f"; student `{c.student.checkpoint or run.workdir}`."]
+
+
+def _methods(run: Run) -> dict:
+    return build_methods(run.teacher, run.student, run.settings.dd, run.settings.sampling,
+                         run.settings.flow, seed=run.settings.eval.seed,
+                         marg=marginals(run.pairs, run.teacher))
+
+
+def mode_evaluate(run: Run) -> dict:
+    """Samples every method on the same noise/labels, scores them, writes report.md + PNGs."""
+    return report_lib.evaluate(run.teacher, _methods(run), run.settings.eval, build.extractor(run.config),
+                               build.reference(run.config, run.teacher.image_size),
+                               os.path.join(run.workdir, "report"), description=_description(run))
+
+
+def mode_sample(run: Run) -> dict:
+    """DD samples (1-step, t_list, teacher-involved) as PNG grids + latents .npz."""
+    s, t = run.settings, run.teacher
+    n = s.dd.num_images
+    noise, labels = eval_inputs(s.eval.seed, n, t.seq_len, t.code_dim, t.num_classes)
+    if s.sample_labels:
+        labels = build.class_labels(s.sample_labels, n, t.num_classes, run.config.seed)
+    rows = np.arange(n)
+    out = {}
+    for name, m in _methods(run).items():
+        if name in (TEACHER, FLOW_MAP, ONESTEP):
+            continue
+        latents, sec = map_batches(m.fn, (noise, labels, rows), min(s.dd.batch_size, n), warmup=True)
+        images = t.decode_latents(latents)
+        path = save_grid(os.path.join(run.workdir, f"samples_{slug(name)}.png"), images,
+                         scale=max(1, 64 // images.shape[1]))
+        np.savez(os.path.join(run.workdir, f"samples_{slug(name)}.npz"), latents=latents, labels=labels)
+        logging.info("%s: %d images, %.2f ms/image -> %s", name, n, 1e3 * sec, path)
+        out[name] = path
+    return out
+
+
+def mode_all(run: Run) -> dict:
+    """generate -> train -> evaluate, skipping what is already done."""
+    t0 = time.time()
+    logging.info("[1/3] pairs")
+    mode_generate(run)
+    logging.info("[2/3] student (%.0f s so far)", time.time() - t0)
+    try:
+        done = load_training_run(run.workdir)[2]["step"] >= run.settings.train.num_steps
+    except (FileNotFoundError, ValueError):
+        done = False
+    if done:
+        logging.info("student already trained to step %d: skipping", run.settings.train.num_steps)
+    else:
+        mode_train(run)
+    logging.info("[3/3] evaluation and report (%.0f s so far)", time.time() - t0)
+    result = mode_evaluate(run)
+    logging.info("done in %.0f s: %s", time.time() - t0, result["report"])
+    return result
+
+
+# The digits demo teacher's own training (configs/digits.py), run through the same entry.
+DEMO_MODES: dict[str, Callable[[Any, str], Any]] = {
+    "train_vq": digits_teacher.train_vq, "train_teacher": digits_teacher.train_teacher,
+    "evaluate_vq": digits_teacher.evaluate_vq, "evaluate_teacher": digits_teacher.evaluate_teacher,
+}
+
+MODES: dict[str, Callable[[Run], Any]] = {
+    "info": mode_info, "sample_teacher": mode_sample_teacher, "generate": mode_generate,
+    "train": mode_train, "sample": mode_sample, "evaluate": mode_evaluate, "all": mode_all,
+}
+ALL_MODES = (*MODES, *DEMO_MODES)
+
+
+def run(config: Any, workdir: str) -> Any:
+    """Runs config.mode; each mode writes its outputs under workdir."""
+    if config.mode not in ALL_MODES:
+        raise ValueError(f"config.mode={config.mode!r} is not available; modes: {sorted(ALL_MODES)}")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+    if config.mode in DEMO_MODES:
+        out = DEMO_MODES[config.mode](config, workdir)
+        if config.get("export_dir") and config.mode in ("train_teacher", "evaluate_teacher"):
+            logging.info("exported %s", digits_teacher.export_assets(workdir, config.export_dir))
+        return out
+    job = Run(config, read_settings(config), workdir)
+    if config.mode not in ("info", "sample_teacher"):
+        job.check_stage_inputs()
+    return MODES[config.mode](job)
