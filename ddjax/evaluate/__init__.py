@@ -1,9 +1,11 @@
-"""Sample-quality metrics: FID, k-NN precision / recall (+ density / coverage), Inception Score.
+"""Sample-quality metrics: FID, k-NN precision / recall (+ density / coverage), Inception Score;
+the LPIPS distance.
 
   fid.py        Fréchet distance (pytorch-fid arithmetic; raises instead of returning a sentinel),
                 statistics `.npz` files compatible with pytorch-fid
   prdc.py       blocked k-NN precision / recall / density / coverage
   inception.py  pytorch-fid's FID InceptionV3 in Flax (weights from a user-supplied file)
+  lpips.py      LPIPS-VGG v0.1 distance / training loss (torchvision VGG16 + `lpips` heads)
   digits.py     sklearn digits images and the small classifier used as the demo's feature space
   features.py   `FeatureExtractor` (name, protocol label, batched jitted features) and
                 `get_extractor(name, weights_path)`
