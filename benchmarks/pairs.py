@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks._common import interleaved, print_environment, table  # noqa: E402
 from ddjax.mapper.flow import FlowSettings  # noqa: E402
 from ddjax.mapper.sequence import map_noise_to_tokens  # noqa: E402
+from ddjax.teacher.llamagen.family import LlamaGenTeacher  # noqa: E402
 from ddjax.teacher.llamagen.gpt import gpt_config, init_params  # noqa: E402
 from ddjax.teacher.llamagen.sampling import SamplingSettings, sample  # noqa: E402
 
@@ -49,6 +50,7 @@ def main(argv=None):
         tree, [jax.random.normal(k, x.shape) * 0.02 for k, x in zip(keys, leaves)])
     code = jax.random.normal(jax.random.PRNGKey(2), (cfg.vocab_size, 8))
     code = code / jnp.linalg.norm(code, axis=1, keepdims=True)
+    teacher = LlamaGenTeacher.from_codebook(cfg, params, code)
     b = args.batch
     labels = jnp.arange(b) % cfg.num_classes
     noise = jax.random.normal(jax.random.PRNGKey(3), (b, tokens, 8))
@@ -58,7 +60,7 @@ def main(argv=None):
     print_environment({"flow": flow, "tokens": tokens, "batch": b})
     fns = {
         "ancestral": lambda: sample(params, cfg, labels, jax.random.PRNGKey(0), s, num_tokens=tokens),
-        "flow map": lambda: map_noise_to_tokens(params, cfg, noise, labels, code, s, flow),
+        "flow map": lambda: map_noise_to_tokens(teacher, noise, labels, s, flow),
     }
     times = interleaved(fns, warmup=1, repeats=args.repeats)
     rows = [{"path": k, "s / call": t.median, "pairs/s": b / t.median * tokens / cfg.block_size,

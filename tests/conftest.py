@@ -7,6 +7,7 @@ import sys
 
 import jax
 import pytest
+from helpers import random_params, teacher_of, tiny_gpt_config  # noqa: F401  (re-exported)
 
 # Tiny models: compile time dominates, so trade run-time optimisation for faster compiles.
 jax.config.update("jax_disable_most_optimizations", True)
@@ -27,24 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
-
-def tiny_gpt_config(**overrides):
-    from ddjax.teacher.llamagen.gpt import gpt_config
-
-    base = dict(n_layer=2, dim=64, n_head=4, n_kv_head=2, vocab_size=64, block_size=16,
-                num_classes=10, multiple_of=32)
-    base.update(overrides)
-    return gpt_config("GPT-B", **base)
-
-
-def random_params(params, seed: int = 0, scale: float = 0.3):
-    """Replaces every leaf by N(0, scale^2) noise (LlamaGen's zero output head would make
-    every distribution uniform)."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [jax.random.normal(k, x.shape, x.dtype) * scale for k, x in zip(keys, leaves)]
-    )
+# The 8-device suite runs in a process of its own (tests/test_multidevice.py).
+collect_ignore = ["multidevice"]
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +39,4 @@ def tiny_gpt():
     cfg = tiny_gpt_config()
     params = random_params(init_params(cfg, jax.random.PRNGKey(0)))
     return cfg, params
+

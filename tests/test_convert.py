@@ -10,7 +10,7 @@ import pytest
 
 from ddjax.convert import CheckpointError, flax_to_torch, read_state_dict, write_state_dict
 from ddjax.convert.__main__ import main as convert_main
-from ddjax.teacher import load_gpt
+from ddjax.teacher.llamagen import load_gpt
 from ddjax.utils.checkpoint import load_params
 
 GPT_ARGS = ["--set", "n_layer=2", "--set", "dim=64", "--set", "n_head=4", "--set", "n_kv_head=2",
@@ -123,3 +123,19 @@ def test_pt_files_under_model_and_ema(tmp_path, state):
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"model", "ema"}
     _same(load_gpt(path, cfg, weights_key="model"), params)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", pytest.param(".pt", marks=pytest.mark.torch)])
+def test_truncated_or_corrupt_files_raise_a_checkpoint_error_naming_them(tmp_path, state, suffix):
+    if suffix == ".pt":
+        pytest.importorskip("torch")
+    cfg, _, sd = state
+    path = str(tmp_path / f"whole{suffix}")
+    write_state_dict(path, sd)
+    data = open(path, "rb").read()
+    for name, content in (("truncated", data[: len(data) // 2]), ("garbage", b"\x00not a checkpoint" * 9)):
+        bad = str(tmp_path / f"{name}{suffix}")
+        with open(bad, "wb") as f:
+            f.write(content)
+        with pytest.raises(CheckpointError, match=f"{name}{suffix}"):
+            load_gpt(bad, cfg)

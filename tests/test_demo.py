@@ -8,9 +8,9 @@ import os
 import llamagen
 import pytest
 
-from ddjax import run
-from ddjax.pipeline import slug
-from ddjax.demo.digits_teacher import digits_teacher_paths
+from ddjax.app import run
+from ddjax.demo.common import digits_teacher_paths
+from ddjax.evaluate.report import slug
 
 # This test trains and samples for real: XLA's optimisations halve its run time.
 pytestmark = [pytest.mark.skipif(not os.path.exists(digits_teacher_paths()["gpt"]),
@@ -20,12 +20,12 @@ pytestmark = [pytest.mark.skipif(not os.path.exists(digits_teacher_paths()["gpt"
 
 def test_small_demo_pipeline_writes_the_report_and_beats_the_baseline(tmp_path):
     config = llamagen.get_config("digits,size=small")
-    result = run.run(config, str(tmp_path))
+    result = run(config, str(tmp_path))
     report_dir = tmp_path / "report"
     text = (report_dir / "report.md").read_text()
     assert "| method | steps | latency / image (ms) | speed-up | FID vs data | FID vs teacher |" in text
     results = json.loads((report_dir / "results.json").read_text())
-    names = ["teacher", "DD 1-step", "DD 2-step", "teacher-involved", "onestep*"]
+    names = ["teacher", "teacher (flow map)", "DD 1-step", "DD 2-step", "teacher-involved", "onestep*"]
     assert list(results) == names
     for name in names:
         assert f"| {name} |" in text
@@ -35,7 +35,9 @@ def test_small_demo_pipeline_writes_the_report_and_beats_the_baseline(tmp_path):
     assert (report_dir / "quality_vs_steps.png").exists()
     assert "two random halves of the reference data (digits) have FID" in text
     assert 0 < result["fid_floor"] < results["onestep*"]["fid"]
-    assert results["teacher"]["token_agreement"] == 1.0
+    assert results["teacher (flow map)"]["token_agreement"] == 1.0
+    assert results["teacher"]["speedup"] == 1.0
+    assert "uint8 PNG quantisation" in results["teacher"]["protocol"]
     assert results["DD 1-step"]["steps"] == 1 and results["teacher"]["steps"] == 64
     # Even this short distillation (400 steps) beats the best sampler that ignores token
     # dependencies: closer to the data (FID) and to the teacher's own map of the same noise.
@@ -45,5 +47,5 @@ def test_small_demo_pipeline_writes_the_report_and_beats_the_baseline(tmp_path):
     assert agree["DD 1-step"] > 1.5 * agree["onestep*"], agree
     assert result["report"].endswith("report.md")
     # a rerun skips the finished stages and rewrites the report
-    again = run.run(config, str(tmp_path))
+    again = run(config, str(tmp_path))
     assert again["results"]["teacher"]["fid"] == pytest.approx(results["teacher"]["fid"], rel=1e-6)

@@ -10,19 +10,13 @@ import jax
 import numpy as np
 import pytest
 
+from ddjax.demo.common import classify_digits, digits_classifier, digits_teacher_paths
+from ddjax.demo.digits_teacher import sample_images, train_teacher
+from ddjax.demo.digits_vq import reconstruct, train_vq
 from ddjax.teacher.llamagen import gpt as gpt_lib
 from ddjax.teacher.llamagen import vq as vq_lib
 from ddjax.teacher.llamagen.loading import load_gpt, load_vq
 from ddjax.teacher.llamagen.sampling import SamplingSettings
-from ddjax.demo.digits_teacher import (
-    classify_digits,
-    digits_classifier,
-    digits_teacher_paths,
-    reconstruct,
-    sample_images,
-    train_teacher,
-    train_vq,
-)
 
 # Measured on the shipped weights (experiments/digits_teacher/README.md): held-out MSE 0.0030
 # (0.0029 on the 96 images below), 96.1% class accuracy on 1000 samples at the shipped settings

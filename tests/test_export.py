@@ -132,7 +132,7 @@ def test_round_trip_bit_for_bit(tmp_path, kind, dtype, fmt):
     assert all(v.dtype.name == dtype for v in state.values())
     assert ("quantize.codebook_used" in state) == (kind == "vq")
     if fmt == "pt":
-        import torch  # noqa: PLC0415
+        import torch
 
         raw = torch.load(path, weights_only=True)
         assert set(raw) == set(api.NEST_UNDER[kind])
@@ -184,7 +184,7 @@ def test_dd_cli_import_prefers_ema_and_exports(tmp_path, capsys):
     assert convert_main(["to-torch", "--kind", "gpt", "--input", out, "--output", back]) == 1
     assert "expected 'gpt'" in capsys.readouterr().err
     if _has_torch():
-        import torch  # noqa: PLC0415
+        import torch
 
         pt = str(tmp_path / "back.pt")
         assert convert_main(["to-torch", "--kind", "dd", "--input", out, "--output", pt]) == 0
@@ -262,7 +262,7 @@ def test_live_dd_parity_and_strict_load(tmp_path):
     api.export_torch(params, "dd", pt)
     stored = dict(np.load(os.path.join(FIXTURES, "dd_small.npz")))
     committed = fx.build_official(ref, "dd", codebook)
-    import torch  # noqa: PLC0415
+    import torch
 
     committed.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in read_state_dict(
         os.path.join(FIXTURES, META["weights"])).items()}, strict=True)
@@ -286,7 +286,7 @@ def test_live_import_of_an_official_checkpoint(tmp_path):
     """An official DDTransformer's own state dicts, saved as training does ({"model", "ema",
     ...}), imported by the CLI: ddjax reproduces the official outputs with the EMA weights."""
     ref = _reference("DDJAX_DD_REF", need_dd=True)
-    import torch  # noqa: PLC0415
+    import torch
 
     codebook = fx.make_codebook()
     ema, other = fx.build_official(ref, "dd", codebook), fx.build_official(ref, "dd", codebook)
@@ -317,7 +317,7 @@ def test_live_import_of_an_official_checkpoint(tmp_path):
 @pytest.mark.parametrize("name", ["gpt_c2i", "gpt_t2i", "vq"])
 def test_live_teacher_exports_load_strict(tmp_path, name, dtype):
     ref = _reference("DDJAX_DD_REF", "DDJAX_LLAMAGEN_REF")
-    import torch  # noqa: PLC0415
+    import torch
 
     kind = "vq" if name == "vq" else "gpt"
     config = dataclasses.replace(fx.teacher_config(name), param_dtype=dtype)

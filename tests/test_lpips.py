@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ddjax.convert.torch_io import CheckpointError
 from ddjax.evaluate import lpips as lp
+from ddjax.utils.torch_io import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_DIR = os.path.join(ROOT, "tests", "fixtures", "lpips")

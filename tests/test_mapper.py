@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, random_params, tiny_gpt_config
-from multidevice import run_on_8_devices
+from conftest import ROOT, random_params, teacher_of, tiny_gpt_config
 
 from ddjax.mapper.flow import FlowSettings
 from ddjax.mapper.pairs import PairDataset, PairSpec, generate_pairs, shard_name
@@ -67,7 +66,7 @@ def test_sequence_frequencies_match_the_exact_joint_and_ancestral_sampling(micro
     _, joint = exact_joint(cfg, params, label, settings)
     noise = jax.random.normal(jax.random.PRNGKey(11), (n, L, D))
     labels = jnp.full((n,), label)
-    mapped = np.asarray(map_noise_to_tokens(params, cfg, noise, labels, code, settings))
+    mapped = np.asarray(map_noise_to_tokens(teacher_of(cfg, params, code), noise, labels, settings))
     tv = 0.5 * np.abs(empirical(mapped) - joint).sum()
     assert tv < tv_bound(joint, n), (tv, tv_bound(joint, n))
     # A wrong joint (another class) is rejected by the same bound.
@@ -84,11 +83,11 @@ def test_same_noise_same_tokens_across_runs_and_batch_sizes(micro):
     s = SamplingSettings(cfg_scale=2.0, top_k=3)
     noise = jax.random.normal(jax.random.PRNGKey(0), (64, L, D))
     labels = jnp.arange(64) % cfg.num_classes
-    full = np.asarray(map_noise_to_tokens(params, cfg, noise, labels, code, s))
-    again = np.asarray(map_noise_to_tokens(params, cfg, noise, labels, code, s))
+    full = np.asarray(map_noise_to_tokens(teacher_of(cfg, params, code), noise, labels, s))
+    again = np.asarray(map_noise_to_tokens(teacher_of(cfg, params, code), noise, labels, s))
     np.testing.assert_array_equal(full, again)
     for b in (1, 8):
-        part = np.asarray(map_noise_to_tokens(params, cfg, noise[:b], labels[:b], code, s))
+        part = np.asarray(map_noise_to_tokens(teacher_of(cfg, params, code), noise[:b], labels[:b], s))
         np.testing.assert_array_equal(part, full[:b])
 
 
@@ -98,39 +97,15 @@ def test_top_k_1_gives_the_argmax_whatever_the_noise(micro):
     greedy = np.asarray(sample(params, cfg, labels, jax.random.PRNGKey(0), SamplingSettings(greedy=True)))
     for seed in range(3):
         noise = 3.0 * jax.random.normal(jax.random.PRNGKey(seed), (16, L, D))
-        got = map_noise_to_tokens(params, cfg, noise, labels, code, SamplingSettings(top_k=1))
+        got = map_noise_to_tokens(teacher_of(cfg, params, code), noise, labels, SamplingSettings(top_k=1))
         np.testing.assert_array_equal(np.asarray(got), greedy)
 
 
 def test_bad_noise_shape(micro):
     cfg, params, code = micro
     with pytest.raises(ValueError, match=r"noise must be \[B, L, 8\]"):
-        map_noise_to_tokens(params, cfg, jnp.zeros((2, L, 3)), jnp.zeros(2, jnp.int32), code)
-
-
-def test_same_tokens_on_1_and_8_devices():
-    run_on_8_devices("""
-        import jax, jax.numpy as jnp, numpy as np
-        from conftest import tiny_gpt_config, random_params
-        from ddjax.sharding import make_mesh
-        from ddjax.teacher.llamagen.gpt import init_params
-        from ddjax.teacher.llamagen.sampling import SamplingSettings
-        from ddjax.mapper.sequence import map_noise_to_tokens
-        jax.config.update("jax_disable_most_optimizations", True)
-        cfg = tiny_gpt_config()
-        params = random_params(init_params(cfg, jax.random.PRNGKey(0)))
-        code = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (cfg.vocab_size, 8)))
-        noise = jax.random.normal(jax.random.PRNGKey(2), (16, cfg.block_size, 8))
-        labels = jnp.arange(16) % 10
-        s = SamplingSettings(cfg_scale=2.0, top_k=20)
-        dev0 = jax.devices()[0]
-        ref = map_noise_to_tokens(jax.device_put(params, dev0), cfg, jax.device_put(noise, dev0),
-                                  jax.device_put(labels, dev0), code, s)
-        out = map_noise_to_tokens(params, cfg, noise, labels, code, s, mesh=make_mesh({"data": 8}))
-        assert len(out.sharding.device_set) == 8
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
-        print("ok")
-    """)
+        map_noise_to_tokens(teacher_of(cfg, params, code), jnp.zeros((2, L, 3)), jnp.zeros(2, jnp.int32),
+                            SamplingSettings())
 
 
 # -- the dataset ---------------------------------------------------------------------------
@@ -242,19 +217,22 @@ def test_kill_mid_shard_and_resume_equals_uninterrupted_run(tmp_path):
 def test_generate_mode_end_to_end(tmp_path):
     import llamagen
 
-    from ddjax import run
+    from ddjax.app import build, run
 
     config = llamagen.get_config("tiny,mode=generate")
     config.data.num_pairs = 40
     config.data.shard_size = 20
     config.data.batch_size = 8
-    run.run(config, str(tmp_path))
-    data = PairDataset(str(tmp_path / "pairs")).load_all()
-    cfg, params = run.load_teacher(config)
-    vcfg, vparams = run.load_vq(config)
-    want = map_noise_to_tokens(params, cfg, jnp.asarray(data["noise"][:8]), jnp.asarray(data["labels"][:8]),
-                               run.vq_codebook(vparams, vcfg), SamplingSettings(**{
-                                   k: config.sampling[k] for k in ("cfg_scale", "cfg_interval", "temperature",
-                                                                   "top_k", "top_p")}),
+    run(config, str(tmp_path))
+    ds = PairDataset(str(tmp_path / "pairs"))
+    data = ds.load_all()
+    teacher = build.build_teacher(config)
+    want = map_noise_to_tokens(teacher, jnp.asarray(data["noise"][:8]), jnp.asarray(data["labels"][:8]),
+                               SamplingSettings(**{k: config.sampling[k] for k in (
+                                   "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")}),
                                FlowSettings(**dict(config.flow)))
     np.testing.assert_array_equal(data["tokens"][:8], np.asarray(want))
+    # The flow check ran on the teacher before the first shard and is recorded.
+    check = ds.checks["flow_check"]
+    assert check["num_tokens"] == config.data.flow_check_tokens
+    assert check["agreement"] >= config.data.flow_check_threshold

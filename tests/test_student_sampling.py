@@ -8,10 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import teacher_of
 
 from ddjax.student.model import dd_config, init_from_teacher, init_params, nearest_code
 from ddjax.student.sampling import StudentApply, dd_step, sample_dd, sample_teacher_involved
-from ddjax.teacher.llamagen.sampling import SamplingSettings, sample
+from ddjax.teacher.base import row_key_inputs, row_keyed_multinomial, row_keys
+from ddjax.teacher.llamagen.gpt import GPT
+from ddjax.teacher.llamagen.sampling import SamplingSettings, guide, process_logits, sample
 
 D = 8
 
@@ -71,16 +74,68 @@ def test_teacher_involved_with_identity_student_reproduces_teacher_tokens(setup)
     tcfg, tparams, _, _, code, noise, labels = setup
     s, t1 = 5, 12
     settings = SamplingSettings(cfg_scale=2.0, top_k=10)
-    key = jax.random.PRNGKey(3)
-    out = sample_teacher_involved(IdentityStudent(), code, tparams, tcfg, noise, labels, code, key,
+    keys = row_keys(jax.random.PRNGKey(3), np.arange(4))
+    teacher = teacher_of(tcfg, tparams, np.asarray(code))
+    out = sample_teacher_involved(IdentityStudent(), code, teacher, noise, labels, keys,
                                   t_list=(0, t1), teacher_start=s, split_t=tcfg.block_size,
                                   settings=settings)
     prefix = nearest_code(noise, code)[:, :s]
-    teacher = sample(tparams, tcfg, labels, key, settings, prefix_ids=prefix, prefix_len=s, num_tokens=t1)
-    np.testing.assert_array_equal(nearest_code(out[:, :t1], code), teacher)
-    np.testing.assert_array_equal(np.asarray(teacher[:, :s]), np.asarray(prefix))
+    want = sample(tparams, tcfg, labels, jax.random.PRNGKey(0), settings, prefix_ids=prefix, prefix_len=s,
+                  num_tokens=t1, rule=row_keyed_multinomial, rule_inputs=row_key_inputs(keys, t1))
+    np.testing.assert_array_equal(nearest_code(out[:, :t1], code), want)
+    np.testing.assert_array_equal(np.asarray(want[:, :s]), np.asarray(prefix))
     # after t1 the final (identity) step sees the original noise and snaps it
     np.testing.assert_array_equal(nearest_code(out[:, t1:], code), nearest_code(noise[:, t1:], code))
+
+
+def test_teacher_involved_rows_draw_by_their_own_key_whatever_the_batch(setup):
+    """Each global row's randomness depends on (key, row) alone: the same images at any
+    evaluation batch size, and two batches never share draws (a batch-level key would give
+    every batch the same Gumbel noise per (row, position))."""
+    tcfg, tparams, _, _, code, _, _ = setup
+    teacher = teacher_of(tcfg, tparams, np.asarray(code))
+    settings = SamplingSettings(cfg_scale=1.0)  # keep the distributions wide
+    n = 8
+    noise = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(9), (1, tcfg.block_size, D)),
+                             (n, tcfg.block_size, D))  # every row: the same input
+    labels = jnp.full((n,), 2)
+    key = jax.random.PRNGKey(4)
+
+    def run(rows):
+        return np.asarray(nearest_code(sample_teacher_involved(
+            IdentityStudent(), code, teacher, noise[: len(rows)], labels[: len(rows)],
+            row_keys(key, rows), t_list=(0, 12), teacher_start=3, split_t=tcfg.block_size,
+            settings=settings), code))
+
+    whole = run(np.arange(n))
+    halves = np.concatenate([run(np.arange(4)), run(np.arange(4, 8))])
+    np.testing.assert_array_equal(whole, halves)
+    # rows 0-3 and 4-7 see identical inputs: with a key per batch they would repeat exactly
+    assert not np.array_equal(halves[:4, 3:12], halves[4:, 3:12])
+    assert len({r.tobytes() for r in whole[:, 3:12]}) == n
+
+
+def test_cfg_interval_counts_from_the_end_of_the_prefix(setup):
+    """As the official intermediate_generate: with a prefix of s tokens, guidance applies to
+    positions s .. s + cfg_interval + 1 and the plain conditional after (greedy, checked
+    against the teacher-forcing distributions)."""
+    tcfg, tparams, _, _, _, _, labels = setup
+    s_len, interval = 6, 3
+    settings = SamplingSettings(cfg_scale=4.0, cfg_interval=interval, greedy=True)
+    prefix = jax.random.randint(jax.random.PRNGKey(5), (4, s_len), 0, tcfg.vocab_size)
+    tokens = np.asarray(sample(tparams, tcfg, labels, jax.random.PRNGKey(0), settings,
+                               prefix_ids=prefix, prefix_len=s_len))
+    model = GPT(tcfg)
+    cond = model.apply({"params": tparams}, jnp.asarray(tokens), labels)
+    uncond = model.apply({"params": tparams}, jnp.asarray(tokens), jnp.full_like(labels, tcfg.num_classes))
+    guided = np.asarray(jnp.argmax(process_logits(guide(cond, uncond, 4.0), settings), -1))
+    plain = np.asarray(jnp.argmax(process_logits(cond, settings), -1))
+    last_guided = s_len + interval + 1
+    np.testing.assert_array_equal(tokens[:, s_len:last_guided + 1], guided[:, s_len:last_guided + 1])
+    np.testing.assert_array_equal(tokens[:, last_guided + 1:], plain[:, last_guided + 1:])
+    # the two rules disagree somewhere on both sides, so the test can tell them apart
+    assert (guided[:, s_len:last_guided + 1] != plain[:, s_len:last_guided + 1]).any()
+    assert (guided[:, last_guided + 1:] != plain[:, last_guided + 1:]).any()
 
 
 def test_bad_t_lists(setup):
@@ -90,5 +145,6 @@ def test_bad_t_lists(setup):
     with pytest.raises(ValueError, match="increase"):
         sample_dd(StudentApply(cfg), params, noise, labels, code, (0, 0), 6)
     with pytest.raises(ValueError, match="teacher_start"):
-        sample_teacher_involved(StudentApply(cfg), params, tparams, tcfg, noise, labels, code,
-                                jax.random.PRNGKey(0), t_list=(0, 4), teacher_start=4)
+        sample_teacher_involved(StudentApply(cfg), params, teacher_of(tcfg, tparams, np.asarray(code)),
+                                noise, labels, row_keys(jax.random.PRNGKey(0), np.arange(4)),
+                                t_list=(0, 4), teacher_start=4)

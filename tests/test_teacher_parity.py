@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddjax.utils.state_dict import flax_to_torch, torch_to_flax
-from ddjax.teacher import GPT, gpt_config, init_cache, init_params, load_gpt
+from ddjax.teacher.llamagen import GPT, gpt_config, init_cache, init_params, load_gpt
 from ddjax.teacher.llamagen.loading import abstract_params
+from ddjax.utils.state_dict import flax_to_torch, torch_to_flax
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ATOL = 1e-4  # ddjax vs PyTorch, float32

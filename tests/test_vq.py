@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddjax.teacher.llamagen import load_vq, vq
+from ddjax.teacher.llamagen.loading import abstract_params
 from ddjax.utils.state_dict import flax_to_torch, torch_to_flax
 from ddjax.utils.torch_io import CheckpointError, read_state_dict, write_state_dict
-from ddjax.teacher import load_vq, vq
-from ddjax.teacher.llamagen.loading import abstract_params
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ATOL = 1e-4  # float32 parity with PyTorch (measured: ~6e-6)

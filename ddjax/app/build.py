@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 
 from ddjax import sharding
+from ddjax.evaluate import lpips as lpips_lib
 from ddjax.evaluate.digits import digits_images
 from ddjax.evaluate.features import FeatureExtractor, get_extractor
 from ddjax.mapper.pairs import PairDataset
@@ -132,18 +133,19 @@ def reference(config: Any, image_size: int) -> Any:
     return path
 
 
-def image_loss(train: TrainSettings, teacher: Teacher) -> ImageLoss | None:
-    """cont_loss="lpips": LPIPS between the frozen decoder's images of the continuous tokens
-    and of the target codes (the official `--loss_norm lpips`); None otherwise."""
+def image_loss(train: TrainSettings, teacher: Teacher) -> tuple[ImageLoss, Any] | None:
+    """cont_loss="lpips": (loss, weights) for LPIPS between the frozen decoder's images of the
+    continuous tokens and of the target codes (the official `--loss_norm lpips`); else None."""
     if train.cont_loss != "lpips":
         return None
-    from ddjax.evaluate import lpips as lpips_lib  # noqa: PLC0415
-    lpips_params = lpips_lib.load_lpips(resolve_path(train.lpips_weights),
-                                        resolve_path(train.lpips_lin_weights) or None)
-    distance = lpips_lib.lpips_loss_fn(lpips_params)
+    weights = {"lpips": lpips_lib.load_lpips(resolve_path(train.lpips_weights),
+                                             resolve_path(train.lpips_lin_weights) or None),
+               "decoder": teacher.tokenizer_params}
     decode = teacher.latent_decoder()
 
-    def loss(latents: jax.Array, targets: jax.Array) -> jax.Array:
-        return distance(decode(latents), jax.lax.stop_gradient(decode(targets)))
+    def loss(w: Any, latents: jax.Array, targets: jax.Array) -> jax.Array:
+        w = jax.lax.stop_gradient(w)
+        return lpips_lib.lpips_distance(w["lpips"], decode(w["decoder"], latents),
+                                        decode(w["decoder"], targets))
 
-    return loss
+    return loss, weights

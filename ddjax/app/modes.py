@@ -137,10 +137,11 @@ def _description(run: Run) -> list[str]:
             + f"; student `{c.student.checkpoint or run.workdir}`."]
 
 
-def _methods(run: Run) -> dict:
+def _methods(run: Run, with_baseline: bool = True) -> dict:
+    # The report's onestep* baseline needs the pairs' tokens: without them evaluate stops.
+    marg = marginals(run.pairs, run.teacher) if with_baseline else None
     return build_methods(run.teacher, run.student, run.settings.dd, run.settings.sampling,
-                         run.settings.flow, seed=run.settings.eval.seed,
-                         marg=marginals(run.pairs, run.teacher))
+                         run.settings.flow, seed=run.settings.eval.seed, marg=marg)
 
 
 def mode_evaluate(run: Run) -> dict:
@@ -159,7 +160,7 @@ def mode_sample(run: Run) -> dict:
         labels = build.class_labels(s.sample_labels, n, t.num_classes, run.config.seed)
     rows = np.arange(n)
     out = {}
-    for name, m in _methods(run).items():
+    for name, m in _methods(run, with_baseline=False).items():
         if name in (TEACHER, FLOW_MAP, ONESTEP):
             continue
         latents, sec = map_batches(m.fn, (noise, labels, rows), min(s.dd.batch_size, n), warmup=True)

@@ -28,6 +28,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from ddjax.student import model as dd_model
+from ddjax.student.model import DDConfig, dd_config
+from ddjax.teacher.llamagen import gpt as gpt_lib
+from ddjax.teacher.llamagen import vq as vq_lib
+from ddjax.teacher.llamagen.gpt import GPTConfig, gpt_config
+from ddjax.teacher.llamagen.vq import VQConfig, vq_config
 from ddjax.utils.checkpoint import config_to_dict, load_params, read_meta, save_params
 from ddjax.utils.state_dict import check_params, flax_to_torch, torch_to_flax
 from ddjax.utils.torch_io import StateDict, read_state_dict, write_state_dict
@@ -57,15 +63,9 @@ def build_config(kind: str, model: str | None = None, overrides: dict[str, Any] 
     _check_kind(kind)
     overrides = dict(overrides or {})
     if kind == "vq":
-        from ddjax.teacher.llamagen.vq import vq_config  # noqa: PLC0415
-
         return vq_config(model or "VQ-16", **overrides)
-    from ddjax.teacher.llamagen.gpt import gpt_config  # noqa: PLC0415
-
     if kind == "gpt":
         return gpt_config(model or "GPT-B", **overrides)
-    from ddjax.student.model import dd_config  # noqa: PLC0415
-
     codebook_dim = int(overrides.pop("codebook_dim", 8))
     return dd_config(gpt_config(model or "GPT-B", **overrides), codebook_dim)
 
@@ -84,10 +84,7 @@ def config_from_meta(kind: str, meta: dict[str, Any]) -> Any:
     cfg = dict(meta.get("model_config", meta))
     if isinstance(cfg.get("gpt"), dict):  # a DDConfig stored nested: {"gpt": {...}, "codebook_dim"}
         cfg = {**cfg.pop("gpt"), **cfg}
-    if kind == "vq":
-        from ddjax.teacher.llamagen.vq import VQConfig as cls  # noqa: PLC0415
-    else:
-        from ddjax.teacher.llamagen.gpt import GPTConfig as cls  # noqa: PLC0415
+    cls = VQConfig if kind == "vq" else GPTConfig
     codebook_dim = cfg.pop("codebook_dim", None)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg) - names)
@@ -95,8 +92,6 @@ def config_from_meta(kind: str, meta: dict[str, Any]) -> Any:
         logging.warning("ignoring unknown %s config fields in ddjax.json: %s", kind, unknown)
     config = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in names})
     if kind == "dd":
-        from ddjax.student.model import DDConfig  # noqa: PLC0415
-
         if codebook_dim is None:
             raise ValueError("a dd model_config needs codebook_dim")
         return DDConfig(config, int(codebook_dim))
@@ -106,13 +101,7 @@ def config_from_meta(kind: str, meta: dict[str, Any]) -> Any:
 def init_fn(kind: str):
     """`init_params(config, rng)` for `kind`."""
     _check_kind(kind)
-    if kind == "gpt":
-        from ddjax.teacher.llamagen.gpt import init_params  # noqa: PLC0415
-    elif kind == "vq":
-        from ddjax.teacher.llamagen.vq import init_params  # noqa: PLC0415
-    else:
-        from ddjax.student.model import init_params  # noqa: PLC0415
-    return init_params
+    return {"gpt": gpt_lib.init_params, "vq": vq_lib.init_params, "dd": dd_model.init_params}[kind]
 
 
 @functools.lru_cache(maxsize=32)

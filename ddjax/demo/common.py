@@ -37,7 +37,7 @@ def digits_teacher_paths() -> dict[str, str]:
 
 
 # -- configs ------------------------------------------------------------------------------------
-def _fields(block: Any) -> dict[str, Any]:
+def fields(block: Any) -> dict[str, Any]:
     """Config block -> dict without None values (None keeps the variant's default)."""
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(block).items() if v is not None}
 
@@ -45,18 +45,18 @@ def _fields(block: Any) -> dict[str, Any]:
 def vq_config_from(config: Any) -> vq_lib.VQConfig:
     """VQConfig from `config.vq` (variant + model overrides + dtype)."""
     return vq_lib.vq_config(config.vq.variant, dtype=config.vq.get("dtype", "float32"),
-                            **_fields(config.vq.model))
+                            **fields(config.vq.model))
 
 
 def gpt_config_from(config: Any) -> gpt_lib.GPTConfig:
     """GPTConfig from `config.teacher` (variant + model overrides + dtypes)."""
     t = config.teacher
     return gpt_lib.gpt_config(t.variant, dtype=t.get("dtype", "float32"),
-                              param_dtype=t.get("param_dtype", "float32"), **_fields(t.model))
+                              param_dtype=t.get("param_dtype", "float32"), **fields(t.model))
 
 
-def _overrides_json(block: Any) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in _fields(block).items()}
+def overrides_json(block: Any) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields(block).items()}
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def shift_images(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array
     return jax.vmap(crop)(pad, offs)
 
 
-def _shift_fixed(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+def shift_fixed(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Translate all images by (dy, dx) pixels, filling with background (-1)."""
     out = np.full_like(images, -1.0)
     h, w = images.shape[1:3]
@@ -119,7 +119,7 @@ def classify_digits(clf: Any, images: np.ndarray) -> np.ndarray:
 
 
 # -- logging ------------------------------------------------------------------------------------
-class _Progress:
+class Progress:
     """Logs step, losses, steps/s and ETA every `every` steps."""
 
     def __init__(self, name: str, total: int, every: int):
@@ -143,18 +143,18 @@ class _Progress:
                      self.total, vals, rate, now - self.t0, eta)
 
 
-def _optimizer(tc: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def optimizer(tc: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(clip + AdamW chain, lr schedule) from a train_vq / train_teacher block: the shared
     builder with optax's warmup-cosine schedule and decay on every >= 2-D leaf (the settings
     the shipped digits weights were trained with)."""
     return optim.make_optimizer(tc, schedule="optax_warmup_cosine", decay="matrices")
 
 
-def _export_dtype(config: Any) -> str:
+def export_dtype(config: Any) -> str:
     return config.get("export_dtype", "float32")
 
 
-def _save_state_dict(path: str, params: Params, dtype: str = "float32") -> str:
+def save_state_dict(path: str, params: Params, dtype: str = "float32") -> str:
     """LlamaGen-named `.safetensors`, floating leaves stored as `dtype` (loaders cast back)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sd = flax_to_torch(params)
@@ -163,13 +163,13 @@ def _save_state_dict(path: str, params: Params, dtype: str = "float32") -> str:
     return path
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
-def _batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int) -> np.ndarray:
+def batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int) -> np.ndarray:
     """fn over x in chunks of `batch` (the last chunk padded to full size: one compilation)."""
     out = []
     for s in range(0, len(x), batch):

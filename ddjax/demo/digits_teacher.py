@@ -38,19 +38,19 @@ from absl import logging
 from ddjax.demo.common import (
     ASSET_DIR,
     Params,
-    _batched,
-    _export_dtype,
-    _optimizer,
-    _overrides_json,
-    _Progress,
-    _save_state_dict,
-    _shift_fixed,
-    _write_json,
+    Progress,
+    batched,
     classify_digits,
     digits_classifier,
     digits_data,
+    export_dtype,
     gpt_config_from,
+    optimizer,
+    overrides_json,
+    save_state_dict,
+    shift_fixed,
     vq_config_from,
+    write_json,
 )
 from ddjax.demo.digits_vq import (
     decode_tokens,
@@ -87,7 +87,7 @@ def token_nll(params: Params, cfg: gpt_lib.GPTConfig, tokens: np.ndarray, labels
     """Mean conditional negative log-likelihood per token (nats) under teacher forcing."""
     fn = _nll_fn(cfg)
     both = np.concatenate([tokens, labels[:, None]], axis=1).astype(np.int32)
-    nll = _batched(lambda b: fn(params, jnp.asarray(b[:, :-1]), jnp.asarray(b[:, -1])), both, batch)
+    nll = batched(lambda b: fn(params, jnp.asarray(b[:, :-1]), jnp.asarray(b[:, -1])), both, batch)
     return float(np.mean(nll))
 
 
@@ -111,7 +111,7 @@ def sample_images(gpt_params: Params, gcfg: gpt_lib.GPTConfig, vq_params: Params
 def _augmented_tokens(vq_params: Params, vcfg: vq_lib.VQConfig, images: np.ndarray,
                       shifts: Iterable[tuple[int, int]]) -> np.ndarray:
     """Token ids of the images translated by each shift: [len(shifts) * N, L]."""
-    return np.concatenate([encode_images(vq_params, vcfg, _shift_fixed(images, dy, dx))
+    return np.concatenate([encode_images(vq_params, vcfg, shift_fixed(images, dy, dx))
                            for dy, dx in shifts])
 
 
@@ -172,7 +172,7 @@ def train_teacher(config: Any, workdir: str) -> dict[str, Any]:
     params = jax.jit(lambda k: gpt_lib.init_params(gcfg, k))(init_key)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     logging.info("GPT parameters: %d", n_params)
-    tx, sched = _optimizer(tc)
+    tx, sched = optimizer(tc)
     opt_state = tx.init(params)
     ema = params if tc.ema_decay else None
 
@@ -191,7 +191,7 @@ def train_teacher(config: Any, workdir: str) -> dict[str, Any]:
 
     toks_d, labs_d = jnp.asarray(tr_tok), jnp.asarray(tr_lab)
     rng = np.random.default_rng(tc.seed)
-    progress = _Progress("train_teacher", tc.num_steps, tc.log_every)
+    progress = Progress("train_teacher", tc.num_steps, tc.log_every)
     history = []
     for i in range(1, tc.num_steps + 1):
         idx = jnp.asarray(rng.choice(len(tr_tok), tc.batch_size, replace=False))
@@ -206,18 +206,18 @@ def train_teacher(config: Any, workdir: str) -> dict[str, Any]:
     final = jax.device_get(ema if ema is not None else params)
 
     os.makedirs(workdir, exist_ok=True)
-    path = _save_state_dict(os.path.join(workdir, "gpt.safetensors"), final, _export_dtype(config))
+    path = save_state_dict(os.path.join(workdir, "gpt.safetensors"), final, export_dtype(config))
     train_info = {"val_nll_history": history, "parameters": int(n_params), "steps": tc.num_steps,
                   "sequences": int(len(tr_tok)), "shifts": len(shifts),
                   "train_seconds": round(train_time, 1),
                   "train_cpu_seconds": round(time.process_time() - c_start, 1),
                   "checkpoint": path, "vq_checkpoint": vq_path}
-    _write_json(os.path.join(workdir, "teacher_metrics.json"), train_info)
+    write_json(os.path.join(workdir, "teacher_metrics.json"), train_info)
     # Measured on the weights as written (export dtype included), as they ship.
     out = evaluate_teacher(config, workdir, vq_path=vq_path, vq_params=vq_params)
     out["total_seconds"] = round(time.time() - t_start, 1)
     out["total_cpu_seconds"] = round(time.process_time() - c_start, 1)
-    _write_json(os.path.join(workdir, "teacher_metrics.json"), out)
+    write_json(os.path.join(workdir, "teacher_metrics.json"), out)
     logging.info("train_teacher done in %.0fs (%.0f CPU-s): val NLL %.4f nats/token, sample class "
                  "accuracy %.3f; wrote %s, %s", out["total_seconds"], out["total_cpu_seconds"],
                  out["val_nll"], out["samples"]["class_accuracy"], path, out["png"])
@@ -294,7 +294,7 @@ def evaluate_teacher(config: Any, workdir: str, *, vq_path: str | None = None, p
     n_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
     out = {**info, "val_nll": val_nll, "train_nll": train_nll, "samples": samples, "png": png,
            "parameters": n_params}
-    _write_json(metrics_path, out)
+    write_json(metrics_path, out)
     timing = lambda m, keys: {k: m[k] for k in keys if k in m}
     vq_keys = ("train_seconds", "train_cpu_seconds", "total_seconds", "total_cpu_seconds",
                "process_wall_seconds", "process_cpu_seconds")
@@ -302,14 +302,14 @@ def evaluate_teacher(config: Any, workdir: str, *, vq_path: str | None = None, p
         "description": "LlamaGen VQ + class-conditional LlamaGen GPT trained on sklearn's digits "
                        "(32x32 RGB in [-1, 1], 8x8 = 64 tokens per image)",
         "image_size": int(config.digits.image_size),
-        "weights_dtype": _export_dtype(config),
+        "weights_dtype": export_dtype(config),
         "data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config.digits).items()},
         "vq": {"file": "vq.safetensors", "variant": config.vq.variant,
-               "model": _overrides_json(config.vq.model), "config": _config_json(vcfg),
+               "model": overrides_json(config.vq.model), "config": _config_json(vcfg),
                "parameters": vq_m.get("parameters"), "metrics": vq_m.get("val"),
                **timing(vq_m, vq_keys)},
         "gpt": {"file": "gpt.safetensors", "variant": config.teacher.variant,
-                "model": _overrides_json(config.teacher.model), "config": _config_json(gcfg),
+                "model": overrides_json(config.teacher.model), "config": _config_json(gcfg),
                 "parameters": n_params, "val_nll": val_nll, "train_nll": train_nll,
                 "val_nll_history": info.get("val_nll_history"), **timing(info, vq_keys)},
         "sampling": {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)},
@@ -317,7 +317,7 @@ def evaluate_teacher(config: Any, workdir: str, *, vq_path: str | None = None, p
         "train_vq": dict(config.train_vq) if "train_vq" in config else None,
         "train_teacher": dict(tc),
     }
-    _write_json(os.path.join(workdir, "meta.json"), json.loads(json.dumps(meta, default=_json_default)))
+    write_json(os.path.join(workdir, "meta.json"), json.loads(json.dumps(meta, default=_json_default)))
     logging.info("evaluate_teacher: val NLL %.4f nats/token (train %.4f), sample class accuracy %.3f, "
                  "FID %.2f (%d samples) at %s", val_nll, train_nll, acc, fid, len(labels), settings)
     return out

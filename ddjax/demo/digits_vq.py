@@ -17,16 +17,16 @@ from absl import logging
 
 from ddjax.demo.common import (
     Params,
-    _batched,
-    _export_dtype,
-    _optimizer,
-    _overrides_json,
-    _Progress,
-    _save_state_dict,
-    _write_json,
+    Progress,
+    batched,
     digits_data,
+    export_dtype,
+    optimizer,
+    overrides_json,
+    save_state_dict,
     shift_images,
     vq_config_from,
+    write_json,
 )
 from ddjax.teacher.llamagen import vq as vq_lib
 from ddjax.teacher.llamagen.loading import load_vq
@@ -48,17 +48,17 @@ def _reconstruct_fn(cfg: vq_lib.VQConfig):
 
 def reconstruct(params: Params, cfg: vq_lib.VQConfig, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """VQ reconstructions (through the codebook) of images [N, H, W, 3] -> float32 [N, H, W, 3]."""
-    return _batched(lambda x: _reconstruct_fn(cfg)(params, jnp.asarray(x)), images, batch)
+    return batched(lambda x: _reconstruct_fn(cfg)(params, jnp.asarray(x)), images, batch)
 
 
 def encode_images(params: Params, cfg: vq_lib.VQConfig, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """Token ids [N, h*w] int32 of images [N, H, W, 3]."""
-    return _batched(lambda x: vq_lib.encode(params, cfg, jnp.asarray(x)), images, batch).astype(np.int32)
+    return batched(lambda x: vq_lib.encode(params, cfg, jnp.asarray(x)), images, batch).astype(np.int32)
 
 
 def decode_tokens(params: Params, cfg: vq_lib.VQConfig, tokens: np.ndarray, batch: int = 256) -> np.ndarray:
     """Images [N, H, W, 3] float32 from token ids [N, h*w]."""
-    return _batched(lambda t: vq_lib.decode_ids(params, cfg, jnp.asarray(t)), tokens, batch)
+    return batched(lambda t: vq_lib.decode_ids(params, cfg, jnp.asarray(t)), tokens, batch)
 
 
 def _usage(ids: np.ndarray, k: int) -> dict[str, float]:
@@ -105,7 +105,7 @@ def train_vq(config: Any, workdir: str) -> dict[str, Any]:
     params = jax.jit(lambda k: vq_lib.init_params(cfg, k, size))(init_key)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     logging.info("VQ parameters: %d", n_params)
-    tx, sched = _optimizer(tc)
+    tx, sched = optimizer(tc)
     opt_state = tx.init(params)
     k = cfg.codebook_size
 
@@ -143,7 +143,7 @@ def train_vq(config: Any, workdir: str) -> dict[str, Any]:
     data = jnp.asarray(tr_x)
     rng = np.random.default_rng(tc.seed)
     usage = jnp.zeros((k,), jnp.int32)
-    progress = _Progress("train_vq", tc.num_steps, tc.log_every)
+    progress = Progress("train_vq", tc.num_steps, tc.log_every)
     restarts = 0
     for i in range(1, tc.num_steps + 1):
         idx = jnp.asarray(rng.choice(len(tr_x), tc.batch_size, replace=False))
@@ -159,15 +159,15 @@ def train_vq(config: Any, workdir: str) -> dict[str, Any]:
         progress(i, {**m, "lr": sched(i)})
     train_time, train_cpu = time.time() - t_start, time.process_time() - c_start
 
-    path = _save_state_dict(os.path.join(workdir, "vq.safetensors"), params, _export_dtype(config))
+    path = save_state_dict(os.path.join(workdir, "vq.safetensors"), params, export_dtype(config))
     train_info = {"parameters": int(n_params), "steps": tc.num_steps, "codes_reseeded": int(restarts),
                   "train_seconds": round(train_time, 1), "train_cpu_seconds": round(train_cpu, 1),
                   "checkpoint": path}
-    _write_json(os.path.join(workdir, "vq_metrics.json"), train_info)
+    write_json(os.path.join(workdir, "vq_metrics.json"), train_info)
     out = evaluate_vq(config, workdir)
     out["total_seconds"] = round(time.time() - t_start, 1)
     out["total_cpu_seconds"] = round(time.process_time() - c_start, 1)
-    _write_json(os.path.join(workdir, "vq_metrics.json"), out)
+    write_json(os.path.join(workdir, "vq_metrics.json"), out)
     val = out["val"]
     logging.info("train_vq done in %.0fs (%.0f CPU-s): val mse %.4f psnr %.2f dB, codes used %d/%d "
                  "(perplexity %.1f); wrote %s, %s", out["total_seconds"], out["total_cpu_seconds"],
@@ -196,9 +196,9 @@ def evaluate_vq(config: Any, workdir: str) -> dict[str, Any]:
             info = json.load(f)
     out = {**info, "val": val, "png": png, "checkpoint": path,
            "parameters": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params)),
-           "export_dtype": _export_dtype(config),
-           "vq": {"variant": config.vq.variant, "model": _overrides_json(config.vq.model)}}
-    _write_json(metrics_path, out)
+           "export_dtype": export_dtype(config),
+           "vq": {"variant": config.vq.variant, "model": overrides_json(config.vq.model)}}
+    write_json(metrics_path, out)
     logging.info("evaluate_vq: val mse %.4f (psnr %.2f dB), codes used %d/%d (perplexity %.1f)",
                  val["mse"], val["psnr"], val["codes_used"], cfg.codebook_size, val["perplexity"])
     return out

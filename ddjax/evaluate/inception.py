@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddjax.utils.torch_io import require_torch
+
 __all__ = [
     "FID_WEIGHTS_FILENAME", "INCEPTION_FEATURE_DIM", "INCEPTION_NUM_CLASSES", "FIDInceptionV3",
     "WeightMismatchError", "bilinear_resize_matrix", "expected_state_dict_shapes",
@@ -344,9 +346,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
         return dict(load_file(path))
     if ext in (".pth", ".pt", ".bin"):
-        from ddjax.utils.torch_io import _require_torch  # noqa: PLC0415
-
-        torch = _require_torch(f"reading {path}")
+        torch = require_torch(f"reading {path}")
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, Mapping) and "state_dict" in obj:
             obj = obj["state_dict"]

@@ -14,7 +14,7 @@ Weights are never downloaded. The VGG16 part comes from a torchvision `vgg16` st
 supplies (`features.{0,2,5,...,28}.{weight,bias}`; `classifier.*` keys are ignored), the linear
 heads from the `lpips` package's `weights/v0.1/vgg.pth` (`lin{i}.model.1.weight`, found in an
 installed package by `installed_lin_path`). `.pth`/`.pt` files need torch (imported lazily by
-`ddjax.convert.torch_io`); `.safetensors` and `.npz` files holding the same keys do not.
+`ddjax.utils.torch_io`); `.safetensors` and `.npz` files holding the same keys do not.
 
 Minimum image size: 16x16. The four 2x2 max-pools (floor) before relu5_3 turn 16 pixels into 1;
 below 16 the package's torch network fails in its last max-pool, and `LPIPS` raises a
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax.convert.torch_io import CheckpointError, read_state_dict
+from ddjax.utils.torch_io import CheckpointError, read_state_dict
 
 __all__ = [
     "LPIPS", "LPIPS_MIN_SIZE", "TAP_CHANNELS", "VGG16_STAGES", "VGG16Features",
@@ -302,7 +302,7 @@ def load_lpips(vgg_path: str | os.PathLike, lin_path: str | os.PathLike | None =
 def params_to_state_dict(params: Params) -> dict[str, np.ndarray]:
     """Inverse of `load_lpips`: one torch-layout dict (`features.*` and `lin*.model.1.weight`).
 
-    Write it with `ddjax.convert.torch_io.write_state_dict(path.safetensors, sd, ())` to get a
+    Write it with `ddjax.utils.torch_io.write_state_dict(path.safetensors, sd, ())` to get a
     combined file that loads without torch.
     """
     out: dict[str, np.ndarray] = {}

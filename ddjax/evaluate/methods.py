@@ -62,9 +62,13 @@ def onestep_baseline(marg: np.ndarray, codebook: np.ndarray, seed: int) -> Metho
 
 
 def build_methods(teacher: Teacher, student: tuple[Any, Any], dd: DDSettings, sampling: Any,
-                  flow: FlowSettings, *, seed: int, marg: np.ndarray, mesh: Any = None
+                  flow: FlowSettings, *, seed: int, marg: np.ndarray | None, mesh: Any = None
                   ) -> dict[str, Method]:
-    """name -> Method for the report (see the module docstring); `student` is (DDConfig, params)."""
+    """name -> Method for the report (see the module docstring); `student` is (DDConfig, params).
+
+    marg: the `marginals` of the pair dataset for the onestep* row (None: no such row; the
+    report itself requires it).
+    """
     scfg, sparams = student
     codebook = jnp.asarray(teacher.codebook)
     net = StudentApply(scfg)
@@ -99,5 +103,6 @@ def build_methods(teacher: Teacher, student: tuple[Any, Any], dd: DDSettings, sa
                 settings=sampling, mesh=mesh)
 
         methods["teacher-involved"] = Method(steps_of(t_list, ts), involved)
-    methods[ONESTEP] = onestep_baseline(marg, teacher.codebook, seed + 2)
+    if marg is not None:
+        methods[ONESTEP] = onestep_baseline(marg, teacher.codebook, seed + 2)
     return methods

@@ -95,7 +95,7 @@ def evaluate(teacher: Teacher, methods: dict[str, Method], settings: EvalSetting
     [M, F], or a statistics `.npz` path. Returns {"results", "report", "fid_floor"}.
     """
     settings.check()
-    for need in (TEACHER, FLOW_MAP):
+    for need in (TEACHER, FLOW_MAP, ONESTEP):
         if need not in methods:
             raise ValueError(f"the report needs the {need!r} method")
     n = settings.num_samples
@@ -188,10 +188,10 @@ def paper_shape_checks(results: dict) -> list[tuple[str, bool]]:
 
 
 def plot_results(results: dict, path: str) -> str:
-    import matplotlib  # noqa: PLC0415  (the backend must be chosen before pyplot loads)
+    import matplotlib  # the backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in results.items():

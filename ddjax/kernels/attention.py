@@ -24,46 +24,17 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddjax.kernels.decode_attention import decode_attention
+from ddjax.kernels.flash_attention import flash_attention
+from ddjax.kernels.reference import attention_reference
+
+__all__ = ["AVAILABLE_IMPLEMENTATIONS", "attention", "attention_reference", "available_implementations",
+           "default_implementation"]
+
 # Every name `attention(implementation=...)` knows; `available_implementations()` lists those
 # that run on a given backend.
 AVAILABLE_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-def attention_reference(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    causal: bool = True,
-    q_offset: jax.Array | int = 0,
-) -> jax.Array:
-    """Plain attention, softmax in float32.
-
-    Args:
-      q: [B, T, H, D] queries; query i sits at absolute position `q_offset + i`.
-      k, v: [B, S, Hkv, D] keys/values at positions 0..S-1; H must be a multiple of Hkv
-        (query head h reads kv head h // (H // Hkv), as `repeat_interleave` in LlamaGen).
-      causal: mask key j for query i when j > q_offset + i.
-      q_offset: scalar int (may be traced).
-    Returns:
-      [B, T, H, D] in q's dtype.
-    """
-    b, t, h, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
-    if h % hkv:
-        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
-    rep = h // hkv
-    qg = q.reshape(b, t, hkv, rep, d)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
-    if causal:
-        q_pos = q_offset + jnp.arange(t)
-        mask = jnp.arange(s)[None, :] <= q_pos[:, None]  # [T, S]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 def available_implementations(backend: str | None = None) -> tuple[str, ...]:
@@ -168,10 +139,6 @@ def _cudnn_attention(q, k, v, *, causal: bool, q_offset) -> jax.Array:
 
 
 def _pallas_attention(q, k, v, q_offset, *, causal: bool, interpret: bool | None) -> jax.Array:
-    # Imported here: the kernel modules import attention_reference from this one.
-    from ddjax.kernels.decode_attention import decode_attention
-    from ddjax.kernels.flash_attention import flash_attention
-
     if q.shape[1] == 1:
         return decode_attention(q, k, v, q_offset, causal=causal, interpret=interpret)
     return flash_attention(q, k, v, q_offset, causal=causal, interpret=interpret)

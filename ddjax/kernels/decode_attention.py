@@ -30,7 +30,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ddjax.kernels.attention import attention_reference
 from ddjax.kernels.flash_attention import (
     DEFAULT_MASK_VALUE,
     MIN_BLOCK,
@@ -47,6 +46,7 @@ from ddjax.kernels.flash_attention import (
     scalar_block_spec,
     seq_block_spec,
 )
+from ddjax.kernels.reference import attention_reference
 
 
 @dataclasses.dataclass(frozen=True)

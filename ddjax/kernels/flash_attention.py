@@ -1,6 +1,6 @@
 """Flash attention in Pallas: forward and backward, causal with a query offset, grouped-query heads.
 
-Shapes follow `ddjax.kernels.attention.attention_reference`: q [B, T, H, D] at absolute positions
+Shapes follow `ddjax.kernels.reference.attention_reference`: q [B, T, H, D] at absolute positions
 `q_offset + i`, k/v [B, S, Hkv, D] at positions 0..S-1, query head h reads kv head h // (H // Hkv).
 With `q_offset = 0` and T == S this is teacher forcing; a positive offset puts the queries after
 a prefix already in k/v (condition tokens, or a KV cache).
@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from ddjax.kernels.attention import attention_reference
+from ddjax.kernels.reference import attention_reference
 
 DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 MIN_BLOCK = 16  # Triton's smallest dot tile; a whole bf16 sublane tile on TPU.

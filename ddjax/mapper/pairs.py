@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ddjax.sharding import batch_sharding, put_global
+
 FORMAT = "ddjax-pairs-v1"
 LABEL_POLICIES = ("uniform", "balanced")
 
@@ -297,6 +299,5 @@ class PairDataset:
 
 
 def _place(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
-    from ddjax.sharding import batch_sharding, put_global  # noqa: PLC0415
 
     return {k: put_global(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}

@@ -48,8 +48,8 @@ from ddjax.utils.metrics import create_writer, import_clu
 LOG_DIR = "logs"
 ARRAY_ITEMS = ("params", "ema_params", "opt_state")
 SHARDINGS = ("data", "fsdp")
-# (continuous tokens [B, L, d], target codes [B, L, d]) -> per-image loss [B]
-ImageLoss = Callable[[jax.Array, jax.Array], jax.Array]
+# (its frozen weights, continuous tokens [B, L, d], target codes [B, L, d]) -> per-image loss [B]
+ImageLoss = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def make_init_fn(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformation
 def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, tc: TrainSettings, codebook: Any,
                     gather_params: Any = None, image_loss: ImageLoss | None = None):
-    """The pure update: train_step(state, batch, rng) -> (state, metrics Collection).
+    """The pure update: train_step(state, batch, rng, loss_weights) -> (state, metrics Collection).
 
     batch: noise [B, L, d] f32, tokens [B, L] int32, labels [B] int32. rng: the run's training
     key; the step's key is fold_in(rng, state["step"]), so the update is a function of
@@ -174,9 +174,11 @@ def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformat
     gather_params: with FSDP, a (replicated) sharding the forward pass constrains the params
     to: weights are all-gathered for the batch-parallel compute and their gradients
     reduce-scattered back to the shards (instead of XLA resharding activations).
-    image_loss: with cont_loss="lpips", (continuous [B, L, d], target codes [B, L, d]) -> [B]
-    (a perceptual distance of the decoded images); the continuous head is scored by it, with
-    the positions before t passed through from X_t as at sampling time.
+    image_loss: with cont_loss="lpips", (loss_weights, continuous [B, L, d], target codes
+    [B, L, d]) -> [B] (a perceptual distance of the decoded images); the continuous head is
+    scored by it, with the positions before t passed through from X_t as at sampling time.
+    loss_weights (the LPIPS network and the decoder, frozen) is the step's last argument
+    (None without an image loss), so the weights are not constants of the compiled step.
     """
     model = model_lib.DDModel(model_cfg)
     codebook = jnp.asarray(codebook, jnp.float32)
@@ -188,7 +190,7 @@ def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformat
     if tc.cont_loss == "lpips" and image_loss is None:
         raise ValueError("config.train.cont_loss='lpips' needs an image loss (the LPIPS network)")
 
-    def loss_fn(params, batch, t):
+    def loss_fn(params, batch, t, loss_weights):
         if gather_params is not None:
             params = jax.lax.with_sharding_constraint(params, gather_params)
         tokens = batch["tokens"]
@@ -198,18 +200,18 @@ def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformat
         mask = losses.target_mask(t, tokens.shape[1])
         if tc.cont_loss == "lpips":
             mixed = jnp.where(mask[..., None], cont.astype(jnp.float32), x_t)
-            terms = {**terms, "image": image_loss(mixed, codebook[tokens])}
+            terms = {**terms, "image": image_loss(loss_weights, mixed, codebook[tokens])}
         loss, _ = losses.dd_loss(terms, mask, ce_weight=ce_w, cont_weight=cont_w,
                                  cont_loss=tc.cont_loss)
         return loss, (terms, mask)
 
-    def train_step(state, batch, rng):
+    def train_step(state, batch, rng, loss_weights=None):
         step = state["step"]
         key = jax.random.fold_in(rng, step)
         b = batch["tokens"].shape[0]
         t = t_values[jax.random.categorical(key, log_w, shape=(b,))]
         (loss, (terms, mask)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], batch, t)
+            state["params"], batch, t, loss_weights)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = optim.ema_update(state["ema_params"], params,
@@ -232,8 +234,8 @@ def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformat
 def jit_train_step(step_fn, state_sh: Any, batch_sh: Any, mesh: Any):
     """jit with the state donated and the given shardings (metrics replicated)."""
     repl = sharding_lib.replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
-                   donate_argnums=(0,))
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl, repl),
+                   out_shardings=(state_sh, repl), donate_argnums=(0,))
 
 
 def compute_metrics(collection: Any) -> dict[str, float]:
@@ -331,11 +333,13 @@ def check_dataset(dataset: PairDataset, teacher: Teacher) -> None:
 
 
 def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir: str, mesh: Any,
-          seed: int = 0, init_from_teacher: bool = True, image_loss: ImageLoss | None = None) -> dict:
+          seed: int = 0, init_from_teacher: bool = True,
+          image_loss: tuple[ImageLoss, Any] | None = None) -> dict:
     """Trains (or resumes training of) the student in WORKDIR/student on `dataset`.
 
     The student has the teacher's sizes; `init_from_teacher` copies the teacher's weights into
-    a fresh run. image_loss: the perceptual loss for cont_loss="lpips" (see make_train_step).
+    a fresh run. image_loss: (loss, its frozen weights) for cont_loss="lpips" (see
+    make_train_step).
 
     Returns {"step", "start_step", "metrics" (the last logged), "history" [(step, metrics)],
     "losses" {step: loss of that update} for the steps run by this call, "student_dir",
@@ -378,8 +382,11 @@ def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir:
                  dict(mesh.shape), tc.compute_dtype)
 
     gather = sharding_lib.replicated(mesh) if tc.sharding == "fsdp" else None
-    step_fn = jit_train_step(make_train_step(model_cfg, tx, schedule, tc, codebook, gather, image_loss),
+    loss_fn, loss_weights = image_loss if image_loss is not None else (None, None)
+    step_fn = jit_train_step(make_train_step(model_cfg, tx, schedule, tc, codebook, gather, loss_fn),
                              state_sh, batch_sh, mesh)
+    if loss_weights is not None:
+        loss_weights = jax.device_put(loss_weights, sharding_lib.replicated(mesh))
     _, periodic_actions = import_clu()
     writer = create_writer(log_dir)
     if start == 0:
@@ -411,7 +418,7 @@ def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir:
         for step in range(start, tc.num_steps):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = put_batch(next(batches), batch_sh)
-                state, m = step_fn(state, batch, step_rng)
+                state, m = step_fn(state, batch, step_rng, loss_weights)
             done = step + 1
             acc = m if acc is None else acc.merge(m)
             pending.append((done, {"loss": m.loss.total, "l2_grads": m.l2_grads.total}))

@@ -119,9 +119,10 @@ class Teacher(abc.ABC):
         """Continuous tokens [B, L, d] (codes or not) -> images [B, H, W, 3] in [-1, 1]."""
 
     @abc.abstractmethod
-    def latent_decoder(self) -> Callable[[jax.Array], jax.Array]:
-        """A pure, differentiable function latents [B, L, d] -> images [B, H, W, 3] (jnp, not
-        clipped) with the tokenizer's weights closed over: a frozen decoder for image losses."""
+    def latent_decoder(self) -> Callable[[Any, jax.Array], jax.Array]:
+        """A pure, differentiable `decode(tokenizer_params, latents [B, L, d]) -> images
+        [B, H, W, 3]` (jnp, not clipped): the frozen decoder of image losses, its weights an
+        argument (not constants of the caller's jit)."""
 
     def decode_ids(self, ids: jax.Array) -> np.ndarray:
         """Token ids [B, L] -> images [B, H, W, 3] in [-1, 1]."""

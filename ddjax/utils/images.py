@@ -36,7 +36,7 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.n
 
 def save_grid(path: str, images: np.ndarray, nrow: int | None = None, scale: int = 1) -> str:
     """Writes images ([-1, 1] floats or uint8, [N, H, W, C]) as a PNG grid; returns the path."""
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     imgs = images if images.dtype == np.uint8 else to_uint8(images)
     if scale > 1:

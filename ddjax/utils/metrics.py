@@ -19,8 +19,8 @@ from absl import logging
 
 @functools.cache
 def _tensorboardx_writer_class() -> type:
-    import tensorboardX  # noqa: PLC0415  (optional: only when TensorFlow is absent)
-    from clu.metric_writers import interface  # noqa: PLC0415  (before the shim is in place)
+    import tensorboardX  # optional: only when TensorFlow is absent
+    from clu.metric_writers import interface  # before the shim is in place
 
     class TensorboardXWriter(interface.MetricWriter):
         """clu MetricWriter writing TensorBoard event files with tensorboardX (no TensorFlow)."""
@@ -88,7 +88,7 @@ def import_clu() -> tuple[Any, Any]:
         shim = types.ModuleType(name, "clu SummaryWriter backed by tensorboardX (no TensorFlow).")
         shim.SummaryWriter = _summary_writer_shim
         sys.modules[name] = shim
-    from clu import metric_writers, periodic_actions  # noqa: PLC0415  (after the shim)
+    from clu import metric_writers, periodic_actions  # after the shim
 
     return metric_writers, periodic_actions
 

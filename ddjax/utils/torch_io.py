@@ -30,9 +30,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the model."""
 
 
-def _require_torch(purpose: str):
+def require_torch(purpose: str):
     try:
-        import torch  # noqa: PLC0415
+        import torch  # optional (the torch extra): imported only to read or write .pt
     except ImportError as e:  # pragma: no cover - exercised only without torch
         raise ImportError(
             f"{purpose} needs PyTorch: `pip install -e .[torch]` "
@@ -42,7 +42,7 @@ def _require_torch(purpose: str):
 
 
 def _tensor_to_numpy(t: Any) -> np.ndarray:
-    torch = _require_torch("reading .pt tensors")
+    torch = require_torch("reading .pt tensors")
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         return t.float().numpy().astype(ml_dtypes.bfloat16)
@@ -59,7 +59,7 @@ def _load_raw(path: str) -> Mapping[str, Any]:
             raise CheckpointError(f"cannot read {path} as a safetensors file (truncated or "
                                   f"corrupt?): {e}") from e
     if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
-        torch = _require_torch(f"reading {os.path.basename(path)}")
+        torch = require_torch(f"reading {os.path.basename(path)}")
         try:
             # Training checkpoints often pickle their argparse.Namespace beside the weights;
             # allow that one harmless class, nothing else.
@@ -136,7 +136,7 @@ def write_state_dict(path: str, state: StateDict, nest_under: tuple[str, ...] = 
     if path.endswith(".safetensors"):
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp)
     elif path.endswith((".pt", ".pth")):
-        torch = _require_torch("writing .pt files")
+        torch = require_torch("writing .pt files")
         tensors = {}
         for k, v in state.items():
             if v.dtype.name == "bfloat16":

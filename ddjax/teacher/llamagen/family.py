@@ -49,12 +49,18 @@ class LlamaGenTeacher(Teacher):
 
     family = "llamagen"
 
-    def __init__(self, config: gpt_lib.GPTConfig, params: Any, tokenizer_config: vq_lib.VQConfig,
-                 tokenizer_params: Any, *, variant: str = "", checkpoint: str = ""):
+    def __init__(self, config: gpt_lib.GPTConfig, params: Any, tokenizer_config: vq_lib.VQConfig | None,
+                 tokenizer_params: Any, *, variant: str = "", checkpoint: str = "",
+                 codebook: np.ndarray | None = None):
+        """codebook: [K, d], only without a tokenizer (`from_codebook`); else the VQ's."""
         self.config, self.params = config, params
         self.tokenizer_config, self.tokenizer_params = tokenizer_config, tokenizer_params
-        self.variant, self.checkpoint = variant, checkpoint
-        self.codebook = vq_codebook(tokenizer_params, tokenizer_config)
+        self.variant, self.checkpoint = variant or config.model_type, checkpoint
+        if tokenizer_config is not None:
+            codebook = vq_codebook(tokenizer_params, tokenizer_config)
+        elif codebook is None:
+            raise ValueError("a LlamaGenTeacher needs a VQ tokenizer or a codebook")
+        self.codebook = np.asarray(codebook, np.float32)
         if self.codebook.shape[0] != config.vocab_size:
             raise ValueError(f"the VQ codebook has {self.codebook.shape[0]} codes but the GPT's "
                              f"vocab_size is {config.vocab_size}")
@@ -69,6 +75,18 @@ class LlamaGenTeacher(Teacher):
         params = loading.load_gpt(checkpoint, config, weights_key)
         vparams = loading.load_vq(tokenizer_checkpoint, tokenizer_config, tokenizer_weights_key)
         return cls(config, params, tokenizer_config, vparams, variant=variant, checkpoint=checkpoint)
+
+    @classmethod
+    def from_codebook(cls, config: gpt_lib.GPTConfig, params: Any, codebook: np.ndarray, *,
+                      variant: str = "") -> LlamaGenTeacher:
+        """A teacher over a given codebook [K, d] without a tokenizer: it samples and maps noise
+        but cannot decode images (studies of the flow map, tests)."""
+        return cls(config, params, None, None, variant=variant, codebook=codebook)
+
+    def _require_tokenizer(self) -> None:
+        if self.tokenizer_config is None:
+            raise ValueError("this teacher has no VQ tokenizer (built with from_codebook): it "
+                             "cannot decode images")
 
     # -- shapes ------------------------------------------------------------------------------
     @property
@@ -89,6 +107,7 @@ class LlamaGenTeacher(Teacher):
 
     @property
     def image_size(self) -> int:
+        self._require_tokenizer()
         return self.grid_size * self.tokenizer_config.downsample_factor
 
     @property
@@ -111,6 +130,7 @@ class LlamaGenTeacher(Teacher):
 
     # -- the tokenizer -----------------------------------------------------------------------
     def decode_latents(self, latents: jax.Array) -> np.ndarray:
+        self._require_tokenizer()
         b, n, d = latents.shape
         if n != self.seq_len or d != self.code_dim:
             raise ValueError(f"latents must be [B, {self.seq_len}, {self.code_dim}], got {latents.shape}")
@@ -120,9 +140,10 @@ class LlamaGenTeacher(Teacher):
         return np.clip(np.asarray(images), -1.0, 1.0)  # as LlamaGen clamps decoded samples
 
     def latent_decoder(self):
-        vparams, vcfg, g = self.tokenizer_params, self.tokenizer_config, self.grid_size
+        self._require_tokenizer()
+        vcfg, g = self.tokenizer_config, self.grid_size
 
-        def decode(latents: jax.Array) -> jax.Array:
+        def decode(vparams: Any, latents: jax.Array) -> jax.Array:
             b, _, d = latents.shape
             return vq_lib.VQModel(vcfg).apply({"params": vparams}, latents.reshape(b, g, g, d),
                                               method=vq_lib.VQModel.decode_latents)
@@ -130,5 +151,6 @@ class LlamaGenTeacher(Teacher):
         return decode
 
     def decode_ids(self, ids: jax.Array) -> np.ndarray:
+        self._require_tokenizer()
         images = vq_lib.decode_ids(self.tokenizer_params, self.tokenizer_config, jnp.asarray(ids))
         return np.clip(np.asarray(images), -1.0, 1.0)

@@ -1,0 +1,42 @@
+"""Plain attention in XLA: the reference every kernel is tested against (and the XLA path)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """Plain attention, softmax in float32.
+
+    Args:
+      q: [B, T, H, D] queries; query i sits at absolute position `q_offset + i`.
+      k, v: [B, S, Hkv, D] keys/values at positions 0..S-1; H must be a multiple of Hkv
+        (query head h reads kv head h // (H // Hkv), as `repeat_interleave` in LlamaGen).
+      causal: mask key j for query i when j > q_offset + i.
+      q_offset: scalar int (may be traced).
+    Returns:
+      [B, T, H, D] in q's dtype.
+    """
+    b, t, h, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+    rep = h // hkv
+    qg = q.reshape(b, t, hkv, rep, d)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
+    if causal:
+        q_pos = q_offset + jnp.arange(t)
+        mask = jnp.arange(s)[None, :] <= q_pos[:, None]  # [T, S]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
