@@ -19,7 +19,9 @@ from ddjax.teacher import load_vq, vq
 from ddjax.teacher.loading import abstract_params
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-ATOL = 1e-4  # float32 parity with PyTorch (measured: ~6e-6)
+# float32 parity with PyTorch, max abs (decoded images reach |2.8|). Measured (2-core x86 CPU,
+# with and without XLA's optimisations): small case 4.7e-6, VQ-16 7.7e-6 (decode_latents).
+ATOL = 1e-5
 # bf16 compute on the small case (measured: latent error 0.055, 126/128 ids, flips at gaps <= 0.023)
 BF16_LATENT_ERR = 0.1  # max |unit(z_bf16) - unit(z_f32)|
 BF16_MIN_ID_AGREEMENT = 0.95  # 122 of 128: four more flips than measured
