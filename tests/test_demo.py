@@ -39,12 +39,21 @@ def test_small_demo_pipeline_writes_the_report_and_beats_the_baseline(tmp_path):
     assert results["teacher"]["speedup"] == 1.0
     assert "uint8 PNG quantisation" in results["teacher"]["protocol"]
     assert results["DD 1-step"]["steps"] == 1 and results["teacher"]["steps"] == 64
-    # Even this short distillation (400 steps) beats the best sampler that ignores token
-    # dependencies: closer to the data (FID) and to the teacher's own map of the same noise.
+    # The paper's shape where this short run (400 steps, 200 images) shows it with a wide margin.
+    # One run (experiments/digits_demo/README.md): FID teacher 14.5, DD 1-step 24.3, 2-step 23.5,
+    # teacher-involved 20.1, onestep* 39.8; token agreement 0.188, 0.187, 0.176 and 0.071. (2-step
+    # against 1-step, 3.6% apart here, is left to the report's checks.)
     fid = {k: v["fid"] for k, v in results.items()}
     agree = {k: v["token_agreement"] for k, v in results.items()}
-    assert fid["DD 1-step"] < 0.8 * fid["onestep*"], fid
-    assert agree["DD 1-step"] > 1.5 * agree["onestep*"], agree
+    # The teacher is the best sampler by a wide margin (next best 39% worse).
+    assert fid["teacher"] < 0.8 * min(v for k, v in fid.items() if k != "teacher"), fid
+    # DD 1-step within the paper's 3x of the teacher's FID (1.7x here).
+    assert fid["DD 1-step"] <= 3 * fid["teacher"], fid
+    # Every distilled sampler beats the best sampler that ignores token dependencies: closer to
+    # the data (FID) and to the teacher's own map of the same noise (token agreement).
+    for name in ("DD 1-step", "DD 2-step", "teacher-involved"):
+        assert fid[name] < 0.8 * fid["onestep*"], (name, fid)
+        assert agree[name] > 1.5 * agree["onestep*"], (name, agree)
     assert result["report"].endswith("report.md")
     # a rerun skips the finished stages and rewrites the report
     again = run(config, str(tmp_path))

@@ -25,8 +25,17 @@ from ddjax.student.model import nearest_code, perturb
 from ddjax.utils.checkpoint import read_meta
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-ATOL = 1e-4  # float32 parity with the official code (measured: ~3e-6)
+# float32 parity with the official code, max abs. Measured (2-core x86 CPU): 3.1e-6 on the
+# committed fixture, up to 4.3e-6 in the live comparisons (torch-marked tests).
+ATOL = 5e-6
 KINDS = ("gpt", "vq", "dd")
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """Full float32 matmuls on every backend (no TF32 on GPUs)."""
+    with jax.default_matmul_precision("float32"):
+        yield
 
 
 def _load_fixture_module():

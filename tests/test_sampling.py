@@ -6,8 +6,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_params, tiny_gpt_config
 
-from ddjax.teacher.llamagen.gpt import GPT, init_cache
+from ddjax.teacher.llamagen import sampling as sampling_lib
+from ddjax.teacher.llamagen.gpt import GPT, init_cache, init_params
+from ddjax.teacher.llamagen.sampling import (
+    SamplingSettings,
+    filter_logits,
+    guide,
+    process_logits,
+    sample,
+)
 
 _FORWARD = {}
 
@@ -17,15 +26,6 @@ def forward(cfg, params, tokens, cond):
     if cfg not in _FORWARD:
         _FORWARD[cfg] = jax.jit(GPT(cfg).apply)
     return _FORWARD[cfg]({"params": params}, tokens, cond)
-
-
-from ddjax.teacher.llamagen.sampling import (  # noqa: E402
-    SamplingSettings,
-    filter_logits,
-    guide,
-    process_logits,
-    sample,
-)
 
 
 def test_cached_decoding_matches_teacher_forcing(tiny_gpt):
@@ -154,8 +154,6 @@ def test_prefix_continuation_and_determinism(tiny_gpt):
 
 
 def test_no_recompilation_for_same_shapes(tiny_gpt):
-    from ddjax.teacher.llamagen import sampling as sampling_lib
-
     cfg, params = tiny_gpt
     s = SamplingSettings(temperature=0.9)
     labels = jnp.array([1, 2])
@@ -175,3 +173,42 @@ def test_bad_arguments(tiny_gpt):
         sample(params, cfg, jnp.array([1]), jax.random.PRNGKey(0), prefix_len=3)
     with pytest.raises(ValueError, match="num_tokens"):
         sample(params, cfg, jnp.array([1]), jax.random.PRNGKey(0), num_tokens=cfg.block_size + 1)
+
+
+# -- the XLA path's cache-window segments (DECODE_WINDOW rows at a time) ----------------------
+WINDOW_BLOCK = 144  # a 12x12 grid: 143 loop steps over three windows (64, 128, 144 rows)
+
+
+@pytest.fixture(scope="module")
+def window_gpt():
+    cfg = tiny_gpt_config(n_layer=1, dim=32, n_head=2, n_kv_head=1, block_size=WINDOW_BLOCK)
+    return cfg, random_params(init_params(cfg, jax.random.PRNGKey(0)), seed=1, scale=0.5)
+
+
+def _guided_logits(cfg, params, seq, labels, scale):
+    c = np.asarray(forward(cfg, params, jnp.asarray(seq), labels))
+    u = np.asarray(forward(cfg, params, jnp.asarray(seq), jnp.full_like(labels, cfg.num_classes)))
+    return u + (c - u) * scale
+
+
+@pytest.mark.parametrize("prefix_len", [0, 70])
+def test_greedy_cfg_over_cache_windows_equals_teacher_forcing(window_gpt, prefix_len):
+    cfg, params = window_gpt
+    assert sampling_lib._uses_xla_attention(cfg, 4)
+    segments = sampling_lib._segments(prefix_len, cfg.block_size - 1, cfg.cls_token_num,
+                                      cfg.cls_token_num + cfg.block_size - 1, sampling_lib.DECODE_WINDOW)
+    assert [n for *_, n in segments] == [64, 128, 144][-len(segments):] and len(segments) >= 2
+    labels = jnp.array([2, 7])
+    scale = 2.0
+    prefix = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (2, cfg.block_size), 0,
+                                           cfg.vocab_size))
+    got = np.asarray(sample(params, cfg, labels, jax.random.PRNGKey(0),
+                            SamplingSettings(cfg_scale=scale, greedy=True),
+                            prefix_ids=jnp.asarray(prefix), prefix_len=prefix_len))
+    np.testing.assert_array_equal(got[:, :prefix_len], prefix[:, :prefix_len])
+    # Causality: the full forward of the sampled sequence gives, at every position, the logits
+    # of the step-by-step argmax decode, so the sampler's tokens must be their argmax.
+    lg = _guided_logits(cfg, params, got, labels, scale)[:, prefix_len:]
+    top2 = np.sort(lg, -1)[..., -2:]
+    assert (top2[..., 1] - top2[..., 0]).min() > 1e-4  # no near-ties for cache rounding to flip
+    np.testing.assert_array_equal(got[:, prefix_len:], np.argmax(lg, -1))

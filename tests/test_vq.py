@@ -19,7 +19,13 @@ from ddjax.utils.state_dict import flax_to_torch, torch_to_flax
 from ddjax.utils.torch_io import CheckpointError, read_state_dict, write_state_dict
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-ATOL = 1e-4  # float32 parity with PyTorch (measured: ~6e-6)
+# float32 parity with PyTorch, max abs (decoded images reach |2.8|). Measured (2-core x86 CPU,
+# with and without XLA's optimisations): small case 4.7e-6, VQ-16 7.7e-6 (decode_latents).
+ATOL = 1e-5
+# bf16 compute on the small case (measured: latent error 0.055, 126/128 ids, flips at gaps <= 0.023)
+BF16_LATENT_ERR = 0.1  # max |unit(z_bf16) - unit(z_f32)|
+BF16_MIN_ID_AGREEMENT = 0.95  # 122 of 128: four more flips than measured
+BF16_NEAR_TIE = 0.05  # every flipped id's f32 squared-distance gap to the bf16 choice
 
 
 def _fixture_module(name: str):
@@ -136,7 +142,24 @@ def test_bf16_close_to_f32(small):
     err = float(jnp.abs(out - ref["decoded"]).max())
     assert err < 0.05 * float(np.abs(ref["decoded"]).max()), err
     ids = np.asarray(vq.encode(params, bf16, ref["images"]))
-    assert (ids == ref["ids"]).mean() > 0.8
+    # bf16 moves the (l2-normalised) latents by up to 0.055 (median 0.014): tokens whose
+    # nearest and second-nearest codes are about that close in squared distance can flip.
+    # Measured: 126 of 128 ids equal; the 2 that differ have f32 gaps 0.012 and 0.023 between
+    # their f32 and bf16 codes (squared distances of unit vectors lie in [0, 4]; the median
+    # top-2 gap over all tokens is 0.13, and 10% of tokens have a gap below 0.023).
+    model, model16 = vq.VQModel(config), vq.VQModel(bf16)
+    unit = lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True)  # noqa: E731
+    z32 = unit(np.asarray(model.apply({"params": params}, ref["images"],
+                                      method=vq.VQModel.encode_latents), np.float64).reshape(-1, 8))
+    z16 = unit(np.asarray(model16.apply({"params": params}, ref["images"],
+                                        method=vq.VQModel.encode_latents), np.float64).reshape(-1, 8))
+    assert np.linalg.norm(z16 - z32, axis=-1).max() < BF16_LATENT_ERR
+    assert (ids == ref["ids"]).mean() >= BF16_MIN_ID_AGREEMENT
+    codes = np.asarray(model.apply({"params": params}, method=vq.VQModel.codebook), np.float64)
+    dist = 2 - 2 * z32 @ codes.T
+    rows = np.arange(len(dist))
+    gap = dist[rows, ids.ravel()] - dist[rows, ref["ids"].ravel()]
+    assert gap[ids.ravel() != ref["ids"].ravel()].max(initial=0.0) < BF16_NEAR_TIE
 
 
 # -- configs and init ---------------------------------------------------------------------------

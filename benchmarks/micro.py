@@ -1,0 +1,157 @@
+"""Micro-benchmarks behind the notes in benchmarks/README.md ("Optimising sampling.py").
+
+    python benchmarks/micro.py topk            # kth_largest vs lax.top_k threshold, [8|32, 16384]
+    python benchmarks/micro.py kv-layout       # KV-cache update + decode attention: [B,S,H,D] vs [B,H,S,D]
+    python benchmarks/micro.py bf16-matmul     # [rows, 768] x [768, 16384] in f32 / bf16 / bf16->f32
+    python benchmarks/micro.py all --small     # every one at toy sizes (a smoke run)
+
+topk: the top-k threshold the sampler needs per token, `sampling.kth_largest(x, k)` against
+`lax.top_k(x, k)[0][..., -1:]` (the two are checked equal first), at k = 8000 and 10.
+
+kv-layout: one layer's decoding step repeated --steps times in a `fori_loop`: write one new
+key/value row into a cache of --cache rows, then attend from one query per row over the cache
+(softmax in float32, causal mask by position). "seq-major" is ddjax's layout today
+([B, S, Hkv, D], `ddjax.kernels.attention_reference`); "head-major" is LlamaGen's
+([B, Hkv, S, D], written with `dynamic_update_slice(..., (0, 0, index, 0))`, contracted as
+"bthd,bhsd->bhts" / "bhts,bhsd->bthd"). Both give the same outputs (checked).
+
+bf16-matmul: the logits head's shape; f32 x f32, bf16 x bf16 -> bf16, and bf16 inputs with
+`preferred_element_type=float32` (f32 accumulation and output).
+
+Every comparison interleaves its candidates' calls (benchmarks/_common.py), median of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks._common import interleaved, print_environment, table  # noqa: E402
+from ddjax.kernels.attention import attention_reference  # noqa: E402
+from ddjax.teacher.llamagen.sampling import kth_largest  # noqa: E402
+
+
+def bench_topk(args) -> list[dict]:
+    rows = []
+    vocab = 512 if args.small else 16384
+    for batch in (8, 32):
+        x = jax.random.normal(jax.random.PRNGKey(batch), (batch, vocab), jnp.float32)
+        for k in (max(1, vocab * 8000 // 16384), 10):
+            fns = {"kth_largest": jax.jit(lambda a, k=k: kth_largest(a, k)),
+                   "lax.top_k": jax.jit(lambda a, k=k: jax.lax.top_k(a, k)[0][..., -1:])}
+            np.testing.assert_array_equal(np.asarray(fns["kth_largest"](x)),
+                                          np.asarray(fns["lax.top_k"](x)))
+            t = interleaved({n: (lambda f=f, x=x: f(x)) for n, f in fns.items()}, warmup=1,
+                            repeats=args.repeats)
+            rows.append({"batch": batch, "vocab": vocab, "k": k,
+                         "kth_largest ms": 1e3 * t["kth_largest"].median,
+                         "lax.top_k ms": 1e3 * t["lax.top_k"].median,
+                         "speed-up": t["lax.top_k"].median / t["kth_largest"].median})
+    return rows
+
+
+def _decode_loop(layout: str, steps: int, start: int):
+    """(q [B,1,H,D], new k/v [steps,B,1,H,D], caches) -> (last output, caches)."""
+
+    def seq_major(q, new_k, new_v, k_cache, v_cache):
+        def body(i, carry):
+            _, kc, vc = carry
+            idx = start + i
+            kc = jax.lax.dynamic_update_slice(kc, new_k[i], (0, idx, 0, 0))
+            vc = jax.lax.dynamic_update_slice(vc, new_v[i], (0, idx, 0, 0))
+            return attention_reference(q, kc, vc, q_offset=idx), kc, vc
+
+        return jax.lax.fori_loop(0, steps, body, (q, k_cache, v_cache))
+
+    def head_major(q, new_k, new_v, k_cache, v_cache):
+        d = q.shape[-1]
+
+        def body(i, carry):
+            _, kc, vc = carry
+            idx = start + i
+            kc = jax.lax.dynamic_update_slice(kc, new_k[i].transpose(0, 2, 1, 3), (0, 0, idx, 0))
+            vc = jax.lax.dynamic_update_slice(vc, new_v[i].transpose(0, 2, 1, 3), (0, 0, idx, 0))
+            s = jnp.einsum("bthd,bhsd->bhts", q, kc, preferred_element_type=jnp.float32)
+            s = s / jnp.sqrt(jnp.float32(d))
+            s = jnp.where(jnp.arange(kc.shape[2]) <= idx, s, jnp.finfo(jnp.float32).min)
+            p = jax.nn.softmax(s, axis=-1).astype(vc.dtype)
+            out = jnp.einsum("bhts,bhsd->bthd", p, vc, preferred_element_type=jnp.float32)
+            return out.astype(q.dtype), kc, vc
+
+        return jax.lax.fori_loop(0, steps, body, (q, k_cache, v_cache))
+
+    return jax.jit(seq_major if layout == "seq-major" else head_major)
+
+
+def bench_kv_layout(args) -> list[dict]:
+    b, s, h, d = (4, 33, 2, 16) if args.small else (args.rows, args.cache, 12, 64)
+    steps = min(args.steps, s - 1)
+    start = s - steps - 1  # the last `steps` rows: the longest contexts
+    ks = jax.random.split(jax.random.PRNGKey(0), 5)
+    q = jax.random.normal(ks[0], (b, 1, h, d))
+    new_k = jax.random.normal(ks[1], (steps, b, 1, h, d))
+    new_v = jax.random.normal(ks[2], (steps, b, 1, h, d))
+    kc = jax.random.normal(ks[3], (b, s, h, d))
+    vc = jax.random.normal(ks[4], (b, s, h, d))
+    inputs = {"seq-major": (q, new_k, new_v, kc, vc),
+              "head-major": (q, new_k, new_v, kc.transpose(0, 2, 1, 3), vc.transpose(0, 2, 1, 3))}
+    fns = {name: _decode_loop(name, steps, start) for name in inputs}
+    outs = {name: fns[name](*inputs[name]) for name in inputs}
+    np.testing.assert_allclose(np.asarray(outs["seq-major"][0]), np.asarray(outs["head-major"][0]),
+                               rtol=1e-5, atol=1e-5)
+    t = interleaved({n: (lambda n=n: fns[n](*inputs[n])) for n in fns}, warmup=1,
+                    repeats=args.repeats)
+    return [{"rows": b, "cache rows": s, "heads": h, "head dim": d, "steps": steps,
+             "seq-major s": t["seq-major"].median, "head-major s": t["head-major"].median,
+             "speed-up": t["seq-major"].median / t["head-major"].median}]
+
+
+def bench_bf16_matmul(args) -> list[dict]:
+    dim, vocab = (64, 512) if args.small else (768, 16384)
+    w = jax.random.normal(jax.random.PRNGKey(1), (dim, vocab), jnp.float32) * 0.02
+    fns = {"f32": jax.jit(lambda x, w: jnp.dot(x, w)),
+           "bf16->bf16": jax.jit(lambda x, w: jnp.dot(x, w)),
+           "bf16->f32": jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))}
+    rows = []
+    for r in (16, 64):
+        x = jax.random.normal(jax.random.PRNGKey(r), (r, dim), jnp.float32)
+        args_of = {"f32": (x, w), "bf16->bf16": (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)),
+                   "bf16->f32": (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))}
+        t = interleaved({n: (lambda n=n, a=args_of: fns[n](*a[n])) for n in fns}, warmup=2,
+                        repeats=args.repeats)
+        rows.append({"rows": r, "dim": dim, "vocab": vocab,
+                     **{f"{n} ms": 1e3 * t[n].median for n in fns},
+                     "bf16->bf16 / f32": t["bf16->bf16"].median / t["f32"].median,
+                     "f32 / bf16->f32": t["f32"].median / t["bf16->f32"].median})
+    return rows
+
+
+BENCHES = {"topk": bench_topk, "kv-layout": bench_kv_layout, "bf16-matmul": bench_bf16_matmul}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("which", choices=[*BENCHES, "all"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--small", action="store_true", help="toy sizes: a smoke run")
+    p.add_argument("--rows", type=int, default=64, help="kv-layout: batch rows (CFG included)")
+    p.add_argument("--cache", type=int, default=257, help="kv-layout: cache rows")
+    p.add_argument("--steps", type=int, default=16, help="kv-layout: decoding steps per call")
+    args = p.parse_args(argv)
+    print_environment({"benchmark": args.which, "small": args.small})
+    for name in BENCHES if args.which == "all" else [args.which]:
+        print(f"\n{name} (interleaved calls, median of {args.repeats}):\n")
+        print(table(BENCHES[name](args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
