@@ -15,9 +15,9 @@ import os
 import chex
 import numpy as np
 import pytest
+from ddjax.convert.mapping import torch_to_flax
 
 from ddjax.convert.api import abstract_params, to_state_dict
-from ddjax.convert.mapping import torch_to_flax
 from ddjax.student.model import init_from_teacher
 from ddjax.teacher.llamagen.layers import rope_table_2d
 

@@ -26,12 +26,12 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ddjax.demo.common import classify_digits, digits_classifier, digits_teacher_paths  # noqa: E402
+from ddjax.demo.digits_teacher import sample_images  # noqa: E402
 from ddjax.teacher.llamagen import gpt as gpt_lib  # noqa: E402
 from ddjax.teacher.llamagen import vq as vq_lib  # noqa: E402
 from ddjax.teacher.llamagen.loading import load_gpt, load_vq  # noqa: E402
 from ddjax.teacher.llamagen.sampling import SamplingSettings  # noqa: E402
-from ddjax.demo.common import classify_digits, digits_classifier, digits_teacher_paths  # noqa: E402
-from ddjax.demo.digits_teacher import sample_images  # noqa: E402
 
 # (cfg_scale, top_k, temperature): the first release's sweep, then the shipped setting.
 SETTINGS = ("1.0,0,1.0 2.0,0,1.0 3.0,0,1.0 4.0,0,1.0 2.0,16,1.0 3.0,16,1.0 3.0,32,1.0 "
