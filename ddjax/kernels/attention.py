@@ -3,6 +3,8 @@
 One signature serves teacher forcing (`q_offset=0`, T == S), prefill and KV-cache decoding
 (queries at absolute positions `q_offset + i` against a static-size cache of S keys: keys
 past the current position are masked by causality alone, so no separate length is needed).
+An explicit boolean `mask` [T, S] (VAR's block-causal mask) is taken by the XLA path only;
+`scale` replaces the default softmax scale 1/sqrt(D) (pallas and cudnn get it by pre-scaling q).
 
 `attention(..., implementation=...)` dispatches by name:
   * "xla":    `attention_reference` below, everywhere.
@@ -37,6 +39,8 @@ def attention_reference(
     *,
     causal: bool = True,
     q_offset: jax.Array | int = 0,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Plain attention, softmax in float32.
 
@@ -46,6 +50,8 @@ def attention_reference(
         (query head h reads kv head h // (H // Hkv), as `repeat_interleave` in LlamaGen).
       causal: mask key j for query i when j > q_offset + i.
       q_offset: scalar int (may be traced).
+      mask: optional [T, S] bool (True: attend), combined with `causal`.
+      scale: softmax scale (default 1/sqrt(D)).
     Returns:
       [B, T, H, D] in q's dtype.
     """
@@ -56,10 +62,17 @@ def attention_reference(
     rep = h // hkv
     qg = q.reshape(b, t, hkv, rep, d)
     scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
+    if scale is None:
+        scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
+    elif scale != 1.0:
+        scores = scores * jnp.float32(scale)
     if causal:
         q_pos = q_offset + jnp.arange(t)
-        mask = jnp.arange(s)[None, :] <= q_pos[:, None]  # [T, S]
+        allowed = jnp.arange(s)[None, :] <= q_pos[:, None]  # [T, S]
+        mask = allowed if mask is None else (allowed & mask)
+    if mask is not None:
+        if mask.shape != (t, s):
+            raise ValueError(f"mask must be [T, S] = [{t}, {s}], got {mask.shape}")
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=jnp.float32)
@@ -101,6 +114,8 @@ def attention(
     *,
     causal: bool = True,
     q_offset: jax.Array | int = 0,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
     implementation: str | None = None,
     interpret: bool | None = None,
     mesh: Mesh | None = None,
@@ -109,9 +124,10 @@ def attention(
     """Dispatches to an attention implementation; shapes as in `attention_reference`.
 
     Args:
-      q, k, v, causal, q_offset: as in `attention_reference`.
-      implementation: None picks the best for the backend (`default_implementation`);
-        otherwise one of `available_implementations()`, else ValueError.
+      q, k, v, causal, q_offset, mask, scale: as in `attention_reference`.
+      implementation: None picks the best for the backend (`default_implementation`), or
+        "xla" when a `mask` is given; otherwise one of `available_implementations()`, else
+        ValueError. Only "xla" takes a `mask`.
       interpret: pallas only: run the kernels in the Pallas interpreter (None: on the CPU).
       mesh: pallas only: run the kernels per shard under `shard_map`, the batch dimension
         split over `batch_axes` (default: the mesh's 'data' and 'fsdp' axes, else all of its
@@ -121,7 +137,7 @@ def attention(
     """
     backend = jax.default_backend()
     if implementation is None:
-        implementation = default_implementation(q, backend)
+        implementation = "xla" if mask is not None else default_implementation(q, backend)
     available = available_implementations(backend)
     if implementation not in AVAILABLE_IMPLEMENTATIONS:
         raise ValueError(
@@ -134,7 +150,13 @@ def attention(
             f"{backend!r}; choose one of {available} or None"
         )
     if implementation == "xla":
-        return attention_reference(q, k, v, causal=causal, q_offset=q_offset)
+        return attention_reference(q, k, v, causal=causal, q_offset=q_offset, mask=mask,
+                                   scale=scale)
+    if mask is not None:
+        raise ValueError(f"attention implementation {implementation!r} takes no explicit mask; "
+                         "use implementation='xla' (or None)")
+    if scale is not None:  # the kernels scale by 1/sqrt(D): fold the requested scale into q
+        q = (q.astype(jnp.float32) * (scale * q.shape[-1] ** 0.5)).astype(q.dtype)
     if implementation == "cudnn":
         return _cudnn_attention(q, k, v, causal=causal, q_offset=q_offset)
     if mesh is None:
