@@ -84,20 +84,37 @@ def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return s, (a - (s - bb)) + (b - bb)
 
 
-def cumsum_extended(x: jax.Array) -> jax.Array:
+def _add_extended(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]):
+    """(hi, lo) + (hi, lo) in double-float, renormalised so that |lo| <= ulp(hi) / 2."""
+    s, e = _two_sum(a[0], b[0])
+    e = e + (a[1] + b[1])
+    hi = s + e
+    return hi, e - (hi - s)
+
+
+def cumsum_extended(x: jax.Array, chunk: int = 16) -> jax.Array:
     """Cumulative sum over the last axis accumulated in double-float, rounded to float32.
 
-    Matches torch's CPU `cumsum` on float32, which accumulates in float64.
+    Matches torch's CPU `cumsum` on float32, which accumulates in float64. A scan over chunks
+    of `chunk` entries carries the running (hi, lo) total; each chunk's prefix sums come from a
+    double-float associative scan (a small program to compile, few sequential steps to run).
     """
-    def combine(a, b):
-        s, e = _two_sum(a[0], b[0])
-        e = e + (a[1] + b[1])
-        hi = s + e
-        return hi, e - (hi - s)
-
     x = x.astype(jnp.float32)
-    hi, lo = jax.lax.associative_scan(combine, (x, jnp.zeros_like(x)), axis=x.ndim - 1)
-    return hi + lo
+    v = x.shape[-1]
+    lead = x.shape[:-1]
+    pad = (-v) % chunk
+    xp = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)])  # zeros leave the sums unchanged
+    blocks = jnp.moveaxis(xp.reshape(*lead, -1, chunk), -2, 0)  # [n_chunks, ..., chunk]
+
+    def step(carry, block):
+        part = jax.lax.associative_scan(_add_extended, (block, jnp.zeros_like(block)),
+                                        axis=block.ndim - 1)
+        hi, lo = _add_extended((carry[0][..., None], carry[1][..., None]), part)
+        return (hi[..., -1], lo[..., -1]), hi + lo
+
+    zeros = jnp.zeros(lead, jnp.float32)
+    _, out = jax.lax.scan(step, (zeros, zeros), blocks)
+    return jnp.moveaxis(out, 0, -2).reshape(*lead, -1)[..., :v]
 
 
 def softmax_torch(x: jax.Array) -> jax.Array:
@@ -109,24 +126,38 @@ def softmax_torch(x: jax.Array) -> jax.Array:
 def filter_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
     """VAR's `sample_with_top_k_top_p_` masking of logits [..., V]: removed entries -> -inf.
 
-    top-k keeps every logit >= the k-th largest; top-p (on the top-k result) sorts ascending
-    and removes where cumsum(softmax) <= 1 - top_p, never the largest. 0 switches each off.
+    top-k keeps every logit >= the k-th largest (ties kept; k >= V keeps all); top-p, on the
+    top-k result, sorts ascending and removes where cumsum(softmax) <= 1 - top_p, never the
+    largest; 0 switches each off. Only the k kept values are sorted (`lax.top_k`; the whole
+    row when top_k is off), and logits tied with the k-th largest beyond k enter the sums as
+    copies of it. The top-p removal is applied as a value threshold (below the smallest kept
+    sorted value): the same set as VAR's positional removal except for logits tied across the
+    top-p boundary, of which VAR removes an arbitrary subset (its sort is not stable) and ddjax
+    none.
     """
     neg_inf = jnp.array(-jnp.inf, logits.dtype)
     vocab = logits.shape[-1]
-    if 0 < top_k:
-        k = min(top_k, vocab)
-        kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    use_k, use_p = 0 < top_k < vocab, top_p > 0
+    if not (use_k or use_p):
+        return logits
+    k = top_k if use_k else vocab
+    top = jax.lax.top_k(logits, k)[0]  # descending
+    kth = top[..., -1:]
+    if use_k:
         logits = jnp.where(logits < kth, neg_inf, logits)
-    if top_p > 0:
-        order = jnp.argsort(logits, axis=-1)  # ascending
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        cum = cumsum_extended(softmax_torch(sorted_logits.astype(jnp.float32)))
-        remove = cum <= np.float32(1 - top_p)
-        remove = remove.at[..., -1].set(False)
-        inverse = jnp.argsort(order, axis=-1)
-        logits = jnp.where(jnp.take_along_axis(remove, inverse, axis=-1), neg_inf, logits)
-    return logits
+    if not use_p:
+        return logits
+    ascending = top[..., ::-1].astype(jnp.float32)
+    kth32 = ascending[..., :1]
+    extra = (jnp.sum(logits >= kth, axis=-1, keepdims=True) - k).astype(jnp.float32) if use_k else 0.0
+    peak = ascending[..., -1:]
+    e = jnp.exp(ascending - peak)
+    e_tie = jnp.exp(kth32 - peak)
+    inv = 1.0 / (jnp.sum(e, axis=-1, keepdims=True) + extra * e_tie)
+    cum = cumsum_extended(e * inv) + extra * (e_tie * inv)
+    first_kept = jnp.sum(cum[..., :-1] <= np.float32(1 - top_p), axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(top[..., ::-1], first_kept, axis=-1)
+    return jnp.where(logits < threshold, neg_inf, logits)
 
 
 def multinomial_rule(key: jax.Array, logp: jax.Array, si: int, inputs: Any) -> jax.Array:

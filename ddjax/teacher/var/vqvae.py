@@ -408,7 +408,7 @@ class Quantizer(nn.Module):
 
     def codebook(self) -> jax.Array:
         """[V, Cvae] float32."""
-        return self.embedding.embedding.astype(jnp.float32)
+        return jnp.asarray(self.embedding.embedding, jnp.float32)
 
     def phi_k(self, h: jax.Array, k: int) -> jax.Array:
         """The k-th phi (static) on h [B, H, W, Cvae] -> float32 (identity when there is none)."""
@@ -504,7 +504,7 @@ class VQVAE(nn.Module):
         """One scale's ids [B, pn^2] (row-major) -> code map [B, pn, pn, Cvae] float32."""
         b, n = ids.shape
         pn = int(round(n ** 0.5))
-        return self.codebook()[ids].reshape(b, pn, pn, -1)
+        return jnp.take(self.codebook(), ids, axis=0).reshape(b, pn, pn, -1)
 
     def nearest(self, z: jax.Array) -> jax.Array:
         """z [N, Cvae] -> nearest code ids [N] int32 (||z||^2 + ||e||^2 - 2 z.e, first minimum)."""
