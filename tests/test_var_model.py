@@ -148,3 +148,29 @@ def test_bad_input_shape():
     cfg, params, a = _case("var_small")
     with pytest.raises(ValueError, match="x must be"):
         _forward(cfg)(params, a["labels"], a["x"][:, :-1])
+
+
+def test_attention_mask_and_scale_arguments():
+    from ddjax.kernels.attention import attention, attention_reference
+
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 2, 8)) for i in range(3))
+    mask = jnp.asarray(M.var_config(2, patch_nums=(1, 1, 2)).block_mask())  # [6, 6] block-causal
+    out = attention(q, k, v, causal=False, mask=mask, scale=1.0)  # None -> xla when masked
+    scores = jnp.einsum("bthd,bshd->bhts", q, k)
+    want = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), -1), v)
+    assert max_diff(out, want) < 1e-5
+    # the defaults are unchanged, and the mask combines with causality
+    assert max_diff(attention_reference(q, k, v), attention_reference(q, k, v, scale=8 ** -0.5)) == 0
+    both = attention_reference(q, k, v, causal=True, mask=mask)
+    assert max_diff(both, attention_reference(q, k, v, causal=True)) == 0  # causal within block-causal
+    with pytest.raises(ValueError, match="takes no explicit mask"):
+        attention(q, k, v, causal=False, mask=mask, implementation="pallas")
+
+
+def test_pallas_attention_takes_a_scale():
+    from ddjax.kernels.attention import attention
+
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 16, 2, 16)) for i in range(3))
+    want = attention(q, k, v, causal=False, scale=1.0, implementation="xla")
+    got = attention(q, k, v, causal=False, scale=1.0, implementation="pallas", interpret=True)
+    assert max_diff(got, want) < 1e-4

@@ -40,6 +40,7 @@ def test_resize_maps_match_torch_interpolate():
     for pn in PN:
         worst = max(worst, max_diff(area(a["x16"], pn), a[f"area_{pn}"]))
         worst = max(worst, max_diff(bicubic(a[f"x_{pn}"], 16), a[f"bicubic_{pn}"]))
+    print("resize maps", worst)
     assert worst < 2e-6, worst
 
 
