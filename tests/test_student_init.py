@@ -15,11 +15,11 @@ import os
 import chex
 import numpy as np
 import pytest
-from ddjax.convert.mapping import torch_to_flax
 
 from ddjax.convert.api import abstract_params, to_state_dict
 from ddjax.student.model import init_from_teacher
 from ddjax.teacher.llamagen.layers import rope_table_2d
+from ddjax.utils.state_dict import torch_to_flax
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 ROPE_ATOL = 1e-6  # numpy's float32 cos/sin against torch.polar's

@@ -1,4 +1,4 @@
-"""CLI: python -m ddjax.convert {to-jax,to-torch} --kind {gpt,vq,dd} ...
+"""CLI: python -m ddjax.convert {to-jax,to-torch} --kind {gpt,vq,dd,var,var_vae} ...
 
 to-jax reads a PyTorch checkpoint (.pt needs torch; .safetensors does not), checks every key
 and shape against the model built from --model and the overrides, and writes an Orbax
@@ -12,6 +12,12 @@ to-torch writes the parameters of such a directory back under the official key n
     python -m ddjax.convert to-jax --kind dd --model GPT-B --input dd_ckpt.pt --output ckpt/dd \\
         --set vocab_size=16384 --set block_size=256
     python -m ddjax.convert to-torch --kind dd --input ckpt/dd --output student.pt
+
+VAR (FoundationVision/VAR): --kind var with --model d16 | d20 | d24 | d30, --kind var_vae for
+vae_ch160v4096z32.pth; exports are bare state dicts with VAR's buffers (strict=True loading).
+
+    python -m ddjax.convert to-jax --kind var --model d16 --input var_d16.pth --output ckpt/var_d16
+    python -m ddjax.convert to-jax --kind var_vae --input vae_ch160v4096z32.pth --output ckpt/vae
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("to-jax", help="PyTorch checkpoint -> ddjax Orbax directory")
     a.add_argument("--kind", required=True, choices=KINDS)
-    a.add_argument("--model", help="variant: GPT-B, GPT-L, ... (gpt and dd) or VQ-16, VQ-8")
+    a.add_argument("--model", help="variant: GPT-B, GPT-L, ... (gpt and dd), VQ-16, VQ-8 (vq) or "
+                   "d16, d20, d24, d30 (var)")
     a.add_argument("--input", required=True, help=".pt/.pth or .safetensors file")
     a.add_argument("--output", required=True, help="directory to write")
     a.add_argument("--weights-key", help="where the weights sit (ema, model, ...); default: detect, "
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--output", required=True, help=".safetensors (no torch needed) or .pt")
     b.add_argument("--nest-under", metavar="KEYS",
                    help=".pt only: comma-separated top-level keys for the weights (default: model "
-                   "for gpt/vq, model,ema for dd; '' for a bare state dict)")
+                   "for gpt/vq, model,ema for dd, bare for var/var_vae; '' for a bare state dict)")
     b.add_argument("--no-codebook-used", action="store_true",
                    help="vq: leave out the quantize.codebook_used buffer (for VQModels built with "
                    "codebook_show_usage=False)")

@@ -1,10 +1,13 @@
 """Checkpoint conversion between ddjax params and the official PyTorch checkpoints.
 
-Three kinds of model:
+Five kinds of model:
   * "gpt"  LlamaGen's `Transformer` (autoregressive/models/gpt.py), config `GPTConfig`;
   * "vq"   LlamaGen's `VQModel` (tokenizer/tokenizer_image/vq_model.py), config `VQConfig`;
   * "dd"   the official DD student `DDTransformer` (LlamaGen/autoregressive/models/dd.py of
-           Distilled Decoding), config `DDConfig`.
+           Distilled Decoding), config `DDConfig`;
+  * "var"  VAR's transformer (FoundationVision/VAR models/var.py), config `VARConfig`
+           (--model d16 | d20 | d24 | d30);
+  * "var_vae" VAR's multi-scale `VQVAE` (models/vqvae.py), config `VQVAEConfig`.
 
     params = import_torch("dd_ckpt.pt", "dd", config)           # prefers the "ema" weights
     export_torch(params, "dd", "student.pt")                     # {"model": sd, "ema": sd}
@@ -14,7 +17,9 @@ Three kinds of model:
 Exports carry exactly the keys, shapes and dtypes of the official module's `state_dict()`, so
 `load_state_dict(..., strict=True)` works; for "vq" that includes the `quantize.codebook_used`
 buffer (written as zeros). `.safetensors` files are flat and never need torch; `.pt` files
-nest the weights where the official loaders look for them (`NEST_UNDER`).
+nest the weights where the official loaders look for them (`NEST_UNDER`); VAR's released
+`.pth` files are bare state dicts, and its exports carry VAR's buffers (`lvl_1L`,
+`attn_bias_for_masking`, `zero_k_bias`, `ema_vocab_hit_SV`), which imports skip.
 """
 
 from __future__ import annotations
@@ -34,14 +39,21 @@ from ddjax.teacher.llamagen import gpt as gpt_lib
 from ddjax.teacher.llamagen import vq as vq_lib
 from ddjax.teacher.llamagen.gpt import GPTConfig, gpt_config
 from ddjax.teacher.llamagen.vq import VQConfig, vq_config
+from ddjax.teacher.var import loading as var_loading
+from ddjax.teacher.var import model as var_model
+from ddjax.teacher.var import vqvae as var_vqvae
+from ddjax.teacher.var.model import VARConfig
+from ddjax.teacher.var.vqvae import VQVAEConfig
 from ddjax.utils.checkpoint import config_to_dict, load_params, read_meta, save_params
 from ddjax.utils.state_dict import check_params, flax_to_torch, torch_to_flax
 from ddjax.utils.torch_io import StateDict, read_state_dict, write_state_dict
 
-KINDS = ("gpt", "vq", "dd")
+KINDS = ("gpt", "vq", "dd", "var", "var_vae")
+VAR_KINDS = ("var", "var_vae")
 # Where `.pt` exports put the weights: LlamaGen's samplers read checkpoint["model"]; the DD
 # evaluation script reads checkpoint["ema"] with --ema and checkpoint["model"] without.
-NEST_UNDER: dict[str, tuple[str, ...]] = {"gpt": ("model",), "vq": ("model",), "dd": ("model", "ema")}
+NEST_UNDER: dict[str, tuple[str, ...]] = {"gpt": ("model",), "vq": ("model",), "dd": ("model", "ema"),
+                                          "var": (), "var_vae": ()}
 # LlamaGen's VectorQuantizer registers a usage counter when codebook_show_usage (the default).
 VQ_USAGE_KEY = "quantize.codebook_used"
 VQ_USAGE_SIZE = 65536
@@ -52,16 +64,35 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
 
 
+def _key_fn(kind: str):
+    """The Flax path -> torch key map of `kind` (None: the generic `mapping.torch_key`)."""
+    if kind in VAR_KINDS:
+        return var_vqvae.var_torch_key
+    return None
+
+
+def _var_depth(model: str | None) -> int:
+    name = (model or "d16").lower().removeprefix("var_").removeprefix("var-").removeprefix("d")
+    if not name.isdigit():
+        raise ValueError(f"VAR --model must be d16, d20, d24 or d30 (any depth: dN), got {model!r}")
+    return int(name)
+
+
 # -- configs ------------------------------------------------------------------------------------
 def build_config(kind: str, model: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """The config for `kind` from a variant name and field overrides.
 
     gpt: `gpt_config(model or "GPT-B", **overrides)`; vq: `vq_config(model or "VQ-16", ...)`;
     dd: `dd_config(gpt_config(model or "GPT-B", **overrides), codebook_dim)`, where
-    `codebook_dim` (default 8) may be one of the overrides.
+    `codebook_dim` (default 8) may be one of the overrides; var: `var_config(depth of model
+    "d16" (default) | "d20" | ..., **overrides)`; var_vae: `vqvae_config(**overrides)`.
     """
     _check_kind(kind)
     overrides = dict(overrides or {})
+    if kind == "var":
+        return var_model.var_config(_var_depth(model), **overrides)
+    if kind == "var_vae":
+        return var_vqvae.vqvae_config(**overrides)
     if kind == "vq":
         return vq_config(model or "VQ-16", **overrides)
     if kind == "gpt":
@@ -84,7 +115,7 @@ def config_from_meta(kind: str, meta: dict[str, Any]) -> Any:
     cfg = dict(meta.get("model_config", meta))
     if isinstance(cfg.get("gpt"), dict):  # a DDConfig stored nested: {"gpt": {...}, "codebook_dim"}
         cfg = {**cfg.pop("gpt"), **cfg}
-    cls = VQConfig if kind == "vq" else GPTConfig
+    cls = {"vq": VQConfig, "var": VARConfig, "var_vae": VQVAEConfig}.get(kind, GPTConfig)
     codebook_dim = cfg.pop("codebook_dim", None)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg) - names)
@@ -101,7 +132,8 @@ def config_from_meta(kind: str, meta: dict[str, Any]) -> Any:
 def init_fn(kind: str):
     """`init_params(config, rng)` for `kind`."""
     _check_kind(kind)
-    return {"gpt": gpt_lib.init_params, "vq": vq_lib.init_params, "dd": dd_model.init_params}[kind]
+    return {"gpt": gpt_lib.init_params, "vq": vq_lib.init_params, "dd": dd_model.init_params,
+            "var": var_model.init_params, "var_vae": var_vqvae.init_params}[kind]
 
 
 @functools.lru_cache(maxsize=32)
@@ -116,9 +148,17 @@ def abstract_params(kind: str, config: Any) -> Any:
 
 
 # -- PyTorch ------------------------------------------------------------------------------------
-def to_state_dict(params: Any, kind: str, *, vq_codebook_used: bool = True) -> StateDict:
-    """params -> {official key: numpy array}, dtypes kept (bfloat16 stays bfloat16)."""
+def to_state_dict(params: Any, kind: str, *, vq_codebook_used: bool = True,
+                  config: Any = None) -> StateDict:
+    """params -> {official key: numpy array}, dtypes kept (bfloat16 stays bfloat16).
+
+    var / var_vae need `config`: their buffers (written too) are built from it.
+    """
     _check_kind(kind)
+    if kind in VAR_KINDS:
+        if config is None:
+            raise ValueError(f"exporting {kind} needs its config (the buffers depend on it)")
+        return (var_loading.var_state_dict if kind == "var" else var_loading.vqvae_state_dict)(params, config)
     state = flax_to_torch(params)
     if kind == "vq" and vq_codebook_used:
         dtype = state["quantize.embedding.weight"].dtype
@@ -138,14 +178,15 @@ def export_torch(params: Any, kind: str, path: str, *, config: Any = None,
       nest_under: `.pt` top-level keys holding the weights (default `NEST_UNDER[kind]`:
         {"model": sd} for gpt/vq, {"model": sd, "ema": sd} for dd); () writes a bare state dict.
       vq_codebook_used: add LlamaGen's `quantize.codebook_used` buffer (zeros) for "vq".
-    Returns the path.
+    Returns the path. var / var_vae need `config` (bare state dicts with VAR's buffers).
     """
     _check_kind(kind)
     if config is not None:
-        check_params(params, abstract_params(kind, config), source=f"{kind} params")
+        check_params(params, abstract_params(kind, config), source=f"{kind} params",
+                     key_fn=_key_fn(kind))
     nest = NEST_UNDER[kind] if nest_under is None else tuple(nest_under)
-    write_state_dict(path, to_state_dict(params, kind, vq_codebook_used=vq_codebook_used),
-                     nest_under=nest)
+    state = to_state_dict(params, kind, vq_codebook_used=vq_codebook_used, config=config)
+    write_state_dict(path, state, nest_under=nest)
     return path
 
 
@@ -159,8 +200,10 @@ def import_torch(path: str, kind: str, config: Any, weights_key: str | None = No
     `config.param_dtype`. Raises CheckpointError listing every missing, unexpected and
     mis-shaped key.
     """
+    if kind in VAR_KINDS:
+        ignore = (*ignore, *(var_loading.VAR_BUFFERS if kind == "var" else var_loading.VQVAE_BUFFERS))
     return torch_to_flax(read_state_dict(path, weights_key), abstract_params(kind, config),
-                         source=path, ignore=ignore)
+                         source=path, ignore=ignore, key_fn=_key_fn(kind))
 
 
 # -- ddjax (Orbax) directories ------------------------------------------------------------------
@@ -170,7 +213,7 @@ def save_jax(directory: str, params: Any, kind: str, config: Any, *, source: str
 
     The params are checked against `config` first.
     """
-    check_params(params, abstract_params(kind, config), source=f"{kind} params")
+    check_params(params, abstract_params(kind, config), source=f"{kind} params", key_fn=_key_fn(kind))
     return save_params(directory, params, kind=kind, model_config=config_to_meta(kind, config),
                        source=source, overwrite=overwrite)
 
@@ -189,7 +232,8 @@ def load_jax(directory: str, kind: str | None = None) -> tuple[Any, Any]:
         raise ValueError(f"{directory}: unknown kind {stored_kind!r} in ddjax.json")
     config = config_from_meta(stored_kind, meta)
     params, _ = load_params(directory, kind=stored_kind)
-    check_params(params, abstract_params(stored_kind, config), source=directory)
+    check_params(params, abstract_params(stored_kind, config), source=directory,
+                 key_fn=_key_fn(stored_kind))
     return params, config
 
 
@@ -206,14 +250,17 @@ def torch_to_jax(src: str, dst: str, kind: str, config: Any, weights_key: str | 
 def jax_to_torch(src: str, dst: str, kind: str | None = None, *,
                  nest_under: Iterable[str] | None = None, vq_codebook_used: bool = True) -> str:
     """ddjax directory -> `.safetensors`/`.pt` with the official key names; returns `dst`."""
-    params, _ = load_jax(src, kind)
-    return export_torch(params, read_meta(src)["kind"], dst, nest_under=nest_under,
-                        vq_codebook_used=vq_codebook_used)
+    params, config = load_jax(src, kind)
+    stored_kind = read_meta(src)["kind"]
+    return export_torch(params, stored_kind, dst, nest_under=nest_under,
+                        vq_codebook_used=vq_codebook_used,
+                        config=config if stored_kind in VAR_KINDS else None)
 
 
 __all__ = [
     "KINDS",
     "NEST_UNDER",
+    "VAR_KINDS",
     "abstract_params",
     "build_config",
     "config_from_meta",

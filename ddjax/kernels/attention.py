@@ -3,6 +3,8 @@
 One signature serves teacher forcing (`q_offset=0`, T == S), prefill and KV-cache decoding
 (queries at absolute positions `q_offset + i` against a static-size cache of S keys: keys
 past the current position are masked by causality alone, so no separate length is needed).
+An explicit boolean `mask` [T, S] (VAR's block-causal mask) is taken by the XLA path only;
+`scale` replaces the default softmax scale 1/sqrt(D) (pallas and cudnn get it by pre-scaling q).
 
 `attention(..., implementation=...)` dispatches by name:
   * "xla":    `attention_reference` below, everywhere.
@@ -72,6 +74,8 @@ def attention(
     *,
     causal: bool = True,
     q_offset: jax.Array | int = 0,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
     implementation: str | None = None,
     interpret: bool | None = None,
     mesh: Mesh | None = None,
@@ -80,9 +84,10 @@ def attention(
     """Dispatches to an attention implementation; shapes as in `attention_reference`.
 
     Args:
-      q, k, v, causal, q_offset: as in `attention_reference`.
-      implementation: None picks the best for the backend (`default_implementation`);
-        otherwise one of `available_implementations()`, else ValueError.
+      q, k, v, causal, q_offset, mask, scale: as in `attention_reference`.
+      implementation: None picks the best for the backend (`default_implementation`), or
+        "xla" when a `mask` is given; otherwise one of `available_implementations()`, else
+        ValueError. Only "xla" takes a `mask`.
       interpret: pallas only: run the kernels in the Pallas interpreter (None: on the CPU).
       mesh: pallas only: run the kernels per shard under `shard_map`, the batch dimension
         split over `batch_axes` (default: the mesh's 'data' and 'fsdp' axes, else all of its
@@ -92,7 +97,7 @@ def attention(
     """
     backend = jax.default_backend()
     if implementation is None:
-        implementation = default_implementation(q, backend)
+        implementation = "xla" if mask is not None else default_implementation(q, backend)
     available = available_implementations(backend)
     if implementation not in AVAILABLE_IMPLEMENTATIONS:
         raise ValueError(
@@ -105,7 +110,13 @@ def attention(
             f"{backend!r}; choose one of {available} or None"
         )
     if implementation == "xla":
-        return attention_reference(q, k, v, causal=causal, q_offset=q_offset)
+        return attention_reference(q, k, v, causal=causal, q_offset=q_offset, mask=mask,
+                                   scale=scale)
+    if mask is not None:
+        raise ValueError(f"attention implementation {implementation!r} takes no explicit mask; "
+                         "use implementation='xla' (or None)")
+    if scale is not None:  # the kernels scale by 1/sqrt(D): fold the requested scale into q
+        q = (q.astype(jnp.float32) * (scale * q.shape[-1] ** 0.5)).astype(q.dtype)
     if implementation == "cudnn":
         return _cudnn_attention(q, k, v, causal=causal, q_offset=q_offset)
     if mesh is None:

@@ -13,6 +13,8 @@ def attention_reference(
     *,
     causal: bool = True,
     q_offset: jax.Array | int = 0,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Plain attention, softmax in float32.
 
@@ -22,6 +24,8 @@ def attention_reference(
         (query head h reads kv head h // (H // Hkv), as `repeat_interleave` in LlamaGen).
       causal: mask key j for query i when j > q_offset + i.
       q_offset: scalar int (may be traced).
+      mask: optional [T, S] bool (True: attend), combined with `causal`.
+      scale: softmax scale (default 1/sqrt(D)).
     Returns:
       [B, T, H, D] in q's dtype.
     """
@@ -32,10 +36,17 @@ def attention_reference(
     rep = h // hkv
     qg = q.reshape(b, t, hkv, rep, d)
     scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
+    if scale is None:
+        scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
+    elif scale != 1.0:
+        scores = scores * jnp.float32(scale)
     if causal:
         q_pos = q_offset + jnp.arange(t)
-        mask = jnp.arange(s)[None, :] <= q_pos[:, None]  # [T, S]
+        allowed = jnp.arange(s)[None, :] <= q_pos[:, None]  # [T, S]
+        mask = allowed if mask is None else (allowed & mask)
+    if mask is not None:
+        if mask.shape != (t, s):
+            raise ValueError(f"mask must be [T, S] = [{t}, {s}], got {mask.shape}")
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=jnp.float32)

@@ -5,13 +5,14 @@ ddjax modules carry the PyTorch attribute names, so the map is mechanical:
   * leaves `kernel`, `embedding` and `scale` are `weight`;
   * Dense kernels [in, out] are Linear weights [out, in]; Conv kernels [kh, kw, in, out] are
     Conv2d weights [out, in, kh, kw].
-Every key and shape is checked; a mismatch raises one error listing all problems.
+Every key and shape is checked; a mismatch raises one error listing all problems. A model whose
+torch names do not follow the rule (VAR's `mid.block_1`) passes its own `key_fn(path) -> key`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -92,13 +93,17 @@ def _raise_on_mismatch(expected: dict[str, tuple], got: dict[str, tuple], source
         raise CheckpointError("\n".join(lines))
 
 
-def _torch_shapes(tree: Any) -> dict[str, tuple]:
-    return {torch_key(p): _torch_shape(p, np.shape(x))
+KeyFn = Callable[[tuple[str, ...]], str]
+
+
+def _torch_shapes(tree: Any, key_fn: KeyFn | None = None) -> dict[str, tuple]:
+    key_fn = key_fn or torch_key
+    return {key_fn(p): _torch_shape(p, np.shape(x))
             for p, x in traverse_util.flatten_dict(tree).items()}
 
 
 def torch_to_flax(state: StateDict, template: Any, *, source: str = "checkpoint",
-                  ignore: Iterable[str] = (), dtype: Any = None) -> Any:
+                  ignore: Iterable[str] = (), dtype: Any = None, key_fn: KeyFn | None = None) -> Any:
     """Maps a PyTorch state dict onto the structure of `template` (params or their shapes).
 
     Args:
@@ -107,28 +112,32 @@ def torch_to_flax(state: StateDict, template: Any, *, source: str = "checkpoint"
       source: named in errors (the file).
       ignore: extra regexes of torch keys to skip.
       dtype: cast every leaf to this dtype (default: the template leaf's dtype).
+      key_fn: Flax path -> torch key (default `torch_key`).
     Raises:
       CheckpointError listing every missing, unexpected and mis-shaped key; nothing is
       returned half-loaded.
     """
-    _raise_on_mismatch(_torch_shapes(template), {k: v.shape for k, v in state.items()}, source,
-                       ignore)
+    key_fn = key_fn or torch_key
+    _raise_on_mismatch(_torch_shapes(template, key_fn), {k: v.shape for k, v in state.items()},
+                       source, ignore)
     out = {}
     for p, leaf in traverse_util.flatten_dict(template).items():
         leaf_dtype = dtype if dtype is not None else leaf.dtype
-        out[p] = np.asarray(_to_flax_layout(p, np.asarray(state[torch_key(p)]))).astype(leaf_dtype)
+        out[p] = np.asarray(_to_flax_layout(p, np.asarray(state[key_fn(p)]))).astype(leaf_dtype)
     return traverse_util.unflatten_dict(out)
 
 
-def check_params(params: Any, template: Any, source: str = "params") -> None:
+def check_params(params: Any, template: Any, source: str = "params",
+                 key_fn: KeyFn | None = None) -> None:
     """Raises CheckpointError if `params` (arrays or shapes) differs from `template`."""
-    _raise_on_mismatch(_torch_shapes(template), _torch_shapes(params), source)
+    _raise_on_mismatch(_torch_shapes(template, key_fn), _torch_shapes(params, key_fn), source)
 
 
-def flax_to_torch(params: Any) -> StateDict:
+def flax_to_torch(params: Any, key_fn: KeyFn | None = None) -> StateDict:
     """Flax params -> {torch key: numpy array}, dtypes preserved."""
+    key_fn = key_fn or torch_key
     flat = traverse_util.flatten_dict(jax.device_get(params))
-    return {torch_key(p): np.ascontiguousarray(_to_torch_layout(p, np.asarray(x)))
+    return {key_fn(p): np.ascontiguousarray(_to_torch_layout(p, np.asarray(x)))
             for p, x in flat.items()}
 
 
