@@ -39,8 +39,12 @@ class FlowRule:
         return isinstance(other, FlowRule) and self._key == other._key
 
     def __call__(self, key: jax.Array, logp: jax.Array, position: jax.Array, noise: jax.Array):
+        """logp [B, V] and noise [B, d] (one position per step), or [B, n, V] and [B, n, d]
+        (a whole scale per step) -> token ids [B] or [B, n]."""
         del key, position
-        return map_token(noise, logp, jnp.asarray(self.codebook), self.settings)
+        flat = map_token(noise.reshape(-1, noise.shape[-1]), logp.reshape(-1, logp.shape[-1]),
+                         jnp.asarray(self.codebook), self.settings)
+        return flat.reshape(logp.shape[:-1])
 
 
 def map_noise_to_tokens(
