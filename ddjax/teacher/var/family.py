@@ -53,8 +53,9 @@ def _log_probs(var_params: Any, vae_params: Any, ids: jax.Array, labels: jax.Arr
     if settings.cfg != 0:
         null = model.apply({"params": var_params}, jnp.full_like(labels, var_cfg.num_classes), x)
         s = var_cfg.num_scales
-        parts = [sampling_lib.guide(logits[:, a:b], null[:, a:b], sampling_lib.cfg_weight(settings.cfg, si, s))
-                 for si, (a, b) in enumerate(var_cfg.begin_ends)]
+        weights = [sampling_lib.cfg_weight(settings.cfg, si, s) for si in range(s)]
+        parts = [sampling_lib.guide(logits[:, a:b], null[:, a:b], w)
+                 for w, (a, b) in zip(weights, var_cfg.begin_ends)]
         logits = jnp.concatenate(parts, axis=1)
     filtered = sampling_lib.filter_top_k_top_p(logits, settings.top_k, settings.top_p)
     return jax.nn.log_softmax(filtered.astype(jnp.float32), axis=-1)
@@ -68,7 +69,8 @@ class VARTeacher(Teacher):
     def __init__(self, config: VARConfig, params: Any, tokenizer_config: VQVAEConfig,
                  tokenizer_params: Any, *, variant: str = "", checkpoint: str = ""):
         if tuple(config.patch_nums) != tuple(tokenizer_config.patch_nums):
-            raise ValueError(f"VAR patch_nums {config.patch_nums} != the VQVAE's {tokenizer_config.patch_nums}")
+            raise ValueError(f"VAR patch_nums {config.patch_nums} != the VQVAE's "
+                             f"{tokenizer_config.patch_nums}")
         self.config, self.params = config, params
         self.tokenizer_config, self.tokenizer_params = tokenizer_config, tokenizer_params
         self.variant, self.checkpoint = variant or f"d{config.depth}", checkpoint
