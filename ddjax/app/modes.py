@@ -211,8 +211,9 @@ def run(config: Any, workdir: str) -> Any:
     if config.mode not in ALL_MODES:
         raise ValueError(f"config.mode={config.mode!r} is not available; modes: {sorted(ALL_MODES)}")
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+    if sharding.is_writer():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
     if config.mode in DEMO_MODES:
         out = DEMO_MODES[config.mode](config, workdir)
         if config.get("export_dir") and config.mode in ("train_teacher", "evaluate_teacher"):
