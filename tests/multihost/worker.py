@@ -10,6 +10,8 @@ alone, no coordinator), and writes what the mode returned to --out as JSON.
 --kill_at_checkpoint=N: this process kills itself (SIGKILL) as soon as training checkpoint N is
 finalised, to test how the others notice a lost peer. --dump_checkpoint=NPZ: after the mode,
 process 0 writes the latest checkpoint's params and EMA params (flattened) to NPZ.
+The JSON also holds what each stage returned (mode=all returns only the evaluation's) and the
+files the evaluation wrote from this process (`record_stages`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import llamagen  # noqa: E402  (configs/llamagen.py)
 
 from ddjax import sharding  # noqa: E402
+from ddjax.app import modes  # noqa: E402
 from ddjax.app import run as app_run  # noqa: E402
+from ddjax.evaluate import report as report_lib  # noqa: E402
 from ddjax.student.loading import CKPT_DIR, STUDENT_DIR, load_training_run  # noqa: E402
 
 
@@ -80,6 +84,32 @@ def kill_when_checkpointed(workdir: str, step: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def record_stages() -> dict[str, Any]:
+    """Wraps the stages `ddjax.app.modes` calls so their results, and the report files this
+    process writes, are recorded in the returned dict (filled while the mode runs)."""
+    seen: dict[str, Any] = {"written_files": []}
+
+    def recording(name: str, fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen[name] = summary(out)
+            return out
+        return wrapper
+
+    def writing(fn, path_of):
+        def wrapper(*args, **kwargs):
+            seen["written_files"].append(os.path.basename(path_of(*args, **kwargs)))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    modes.write_pairs = recording("generate", modes.write_pairs)
+    modes.train_lib.train = recording("train", modes.train_lib.train)
+    report_lib.save_grid = writing(report_lib.save_grid, lambda path, *a, **k: path)
+    report_lib.write_report = writing(report_lib.write_report,
+                                      lambda out_dir, *a, **k: os.path.join(out_dir, "report.md"))
+    return seen
+
+
 def summary(result: Any) -> Any:
     """The JSON-able part of a mode's result (train: losses by step, start/end step)."""
     if isinstance(result, dict) and "losses" in result:
@@ -115,9 +145,10 @@ def main(argv: list[str]) -> None:
     if args.kill_at_checkpoint >= 0:
         kill_when_checkpointed(args.workdir, args.kill_at_checkpoint)
     t0 = time.time()
+    stages = record_stages()
     result = app_run(tiny_config(args.set), args.workdir)
     out = {"process": jax.process_index(), "process_count": jax.process_count(),
-           "seconds": time.time() - t0, "result": summary(result)}
+           "seconds": time.time() - t0, "result": summary(result), "stages": stages}
     if args.dump_checkpoint:
         dump_checkpoint(args.workdir, args.dump_checkpoint)
     with open(args.out, "w") as f:
