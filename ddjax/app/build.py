@@ -16,6 +16,7 @@ from absl import logging
 
 from ddjax import sharding
 from ddjax.evaluate import lpips as lpips_lib
+from ddjax.evaluate import reference as reference_lib
 from ddjax.evaluate.digits import digits_images
 from ddjax.evaluate.features import FeatureExtractor, get_extractor
 from ddjax.mapper.pairs import PairDataset
@@ -122,11 +123,18 @@ def extractor(config: Any) -> FeatureExtractor:
     return get_extractor(config.eval.extractor, weights or None)
 
 
-def reference(config: Any, image_size: int) -> Any:
-    """The FID reference: the digits images [M, H, W, 3] in [-1, 1], or a statistics path."""
+def reference(config: Any, image_size: int, features: FeatureExtractor, workdir: str) -> Any:
+    """The FID reference: the digits images [M, H, W, 3] in [-1, 1], the statistics of
+    tfds:NAME/SPLIT (cached in WORKDIR/reference), or a statistics path."""
     ref = config.eval.reference
     if ref == "digits":
         return digits_images(size=image_size)[0]
+    tfds_name = reference_lib.parse_tfds(ref)
+    if tfds_name is not None:
+        name = "_".join((*tfds_name, features.name, str(image_size)))
+        cache = os.path.join(workdir, "reference", "".join(c if c.isalnum() else "_" for c in name) + ".npz")
+        return reference_lib.tfds_reference(ref, features, image_size, cache,
+                                            data_dir=resolve_path(config.eval.tfds_data_dir) or None)
     path = resolve_path(ref)
     if not os.path.exists(path):
         raise FileNotFoundError(f"config.eval.reference not found: {path}")

@@ -146,8 +146,9 @@ def _methods(run: Run, with_baseline: bool = True) -> dict:
 
 def mode_evaluate(run: Run) -> dict:
     """Samples every method on the same noise/labels, scores them, writes report.md + PNGs."""
-    return report_lib.evaluate(run.teacher, _methods(run), run.settings.eval, build.extractor(run.config),
-                               build.reference(run.config, run.teacher.image_size),
+    features = build.extractor(run.config)
+    return report_lib.evaluate(run.teacher, _methods(run), run.settings.eval, features,
+                               build.reference(run.config, run.teacher.image_size, features, run.workdir),
                                os.path.join(run.workdir, "report"), description=_description(run))
 
 

@@ -28,6 +28,7 @@ from ddjax import sharding
 from ddjax.evaluate.features import FeatureExtractor
 from ddjax.evaluate.fid import fid_from_features
 from ddjax.evaluate.methods import FLOW_MAP, ONESTEP, TEACHER, Method
+from ddjax.evaluate.reference import parse_tfds
 from ddjax.evaluate.scoring import score_features
 from ddjax.student.model import nearest_code
 from ddjax.teacher.base import Teacher
@@ -46,7 +47,8 @@ class EvalSettings:
     seed: int = 1234
     extractor: str = "inception"  # or "digits" (the demo's classifier features)
     extractor_weights: str = ""  # pytorch-fid Inception .pth/.npz; digits classifier .npz
-    reference: str = ""  # FID reference: stats .npz (mu, sigma) or "digits" (the demo data)
+    reference: str = ""  # FID reference: stats .npz (mu, sigma), tfds:NAME/SPLIT or "digits"
+    tfds_data_dir: str = ""  # data_dir of a tfds: reference ("" = TFDS's default); never downloads
     grid_size: int = 64  # images per PNG grid
 
     def check(self) -> None:
@@ -55,7 +57,9 @@ class EvalSettings:
                 raise ValueError(f"config.eval.{name} must be positive, got {getattr(self, name)}")
         if not self.reference:
             raise ValueError("config.eval.reference is empty: give FID reference statistics (.npz "
-                             "with mu and sigma for the extractor's features) or 'digits'")
+                             "with mu and sigma for the extractor's features), tfds:NAME/SPLIT "
+                             "or 'digits'")
+        parse_tfds(self.reference)  # a malformed tfds: reference raises here
 
 
 def eval_inputs(seed: int, num: int, seq_len: int, dim: int, num_classes: int
