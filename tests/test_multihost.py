@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+from ddjax.student.loading import load_training_run
+
 WORKER = os.path.join(ROOT, "tests", "multihost", "worker.py")
 DEVICES = 8  # 1 x 8 or 2 x 4
 TIMEOUT_S = 480  # per launch; a run that hangs fails instead of blocking the suite
@@ -146,6 +148,13 @@ def test_data_parallel_training_on_2_processes_equals_1_process(runs):
         np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=0, atol=1e-5)
     assert_same_checkpoint(os.path.join(one.workdir, "checkpoint.npz"),
                            os.path.join(two.workdir, "checkpoint.npz"))
+    # A checkpoint of 2 processes x 4 devices loads for sampling here, on 1 process x 1 device.
+    _, ema, meta = load_training_run(two.workdir)
+    with np.load(os.path.join(one.workdir, "checkpoint.npz")) as ref_ckpt:
+        assert meta["step"] == 8
+        w = ema["layers_0"]["feed_forward"]["w1"]["kernel"]
+        np.testing.assert_allclose(np.asarray(w), ref_ckpt["ema/layers_0/feed_forward/w1/kernel"],
+                                   rtol=0, atol=1e-5)
 
 
 def test_evaluation_gathers_every_process_and_only_process_0_writes(runs):

@@ -82,8 +82,12 @@ def build_teacher(config: Any) -> Teacher:
 
 # -- the rest -----------------------------------------------------------------------------------
 def make_mesh(config: Any, local: bool = False) -> Any:
-    """The mesh of config.mesh over all devices (or this process's, for pair generation)."""
-    return sharding.make_mesh(dict(config.mesh), devices=jax.local_devices() if local else None)
+    """The mesh of config.mesh over all devices, or (local) a data-parallel mesh over this
+    process's devices for pair generation (each process maps its own shards; config.mesh may
+    span processes, e.g. fsdp within a host and data across hosts)."""
+    if local:
+        return sharding.make_mesh({"data": -1}, devices=jax.local_devices())
+    return sharding.make_mesh(dict(config.mesh))
 
 
 def pairs_dir(config: Any, workdir: str) -> str:
