@@ -138,7 +138,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.eval.seed = 1234
     c.eval.extractor = "inception"  # or "digits" (the demo's classifier features)
     c.eval.extractor_weights = ""  # pytorch-fid Inception .pth/.npz; digits classifier .npz
-    c.eval.reference = ""  # FID reference: stats .npz (mu, sigma) or "digits" (the demo data)
+    c.eval.reference = ""  # FID reference: stats .npz (mu, sigma), tfds:NAME/SPLIT or "digits"
+    c.eval.tfds_data_dir = ""  # data_dir of a tfds: reference ("" = TFDS's default); no download
     c.eval.grid_size = 64  # images per PNG grid
 
     # --- training (mode=train) -------------------------------------------------------------

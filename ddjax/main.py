@@ -1,7 +1,8 @@
 r"""Entry point: python -m ddjax.main --config=configs/llamagen.py[:ARG] --workdir=DIR
 
-Defines flags, initialises multi-host JAX when asked, logs the devices and hands the
-config to `ddjax.app.run`. Override any field: --config.mode=sample_teacher
+Defines flags, initialises multi-host JAX when asked (`--distributed`, detected or with
+`--coordinator_address`, `--num_processes`, `--process_id`; README "Multi-host"), logs the
+devices and hands the config to `ddjax.app.run`. Override any field: --config.mode=sample_teacher
 --config.teacher.checkpoint=/ckpts/c2i_B_256.pt
 """
 
@@ -13,6 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ddjax import sharding
 from ddjax.app import run as app_run
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -20,8 +22,22 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs, pairs and checkpoints go.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU)."
+    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU). Without the "
+    "three flags below JAX detects the cluster (TPU pods, SLURM, Open MPI)."
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --distributed: host:port of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's id.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", None, "With --distributed: a peer silent this long is lost and "
+    "every other process stops with an error naming it (JAX's default: 100).")
+_SHUTDOWN = flags.DEFINE_integer(
+    "shutdown_timeout_seconds", None, "With --distributed: how long the exit barrier waits for "
+    "the other processes (JAX's default: 300).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout_seconds", None, "With --distributed: how long to wait for every "
+    "process to join (JAX's default: 300).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,8 +53,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
         handler.addFilter(_QuietLibraries())
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if not _DISTRIBUTED.value and any(v is not None for v in explicit):
+        raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed")
     if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+        sharding.initialize_distributed(*explicit, heartbeat_timeout_s=_HEARTBEAT.value,
+                                        shutdown_timeout_s=_SHUTDOWN.value,
+                                        initialization_timeout_s=_INIT_TIMEOUT.value)
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
     try:

@@ -1,4 +1,6 @@
-"""Device meshes and shardings (axes `data` and `fsdp`; the batch is split over both)."""
+"""Device meshes and shardings (axes `data` and `fsdp`; the batch is split over both), and the
+few multi-process helpers every stage shares: `initialize_distributed`, `process_rows`,
+`gather_rows`, `is_writer`, `barrier`."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -81,3 +84,61 @@ def shard_batch(tree: Any, mesh: Mesh | None) -> Any:
         return jax.device_put(x, batch_sharding(mesh, x.ndim))
 
     return jax.tree_util.tree_map(put, tree)
+
+
+# -- several processes -------------------------------------------------------------------------
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, heartbeat_timeout_s: int | None = None,
+                           shutdown_timeout_s: int | None = None,
+                           initialization_timeout_s: int | None = None) -> None:
+    """jax.distributed.initialize with only the given arguments: without an address, process
+    count and id, JAX detects them (TPU pods, SLURM, Open MPI, ...).
+
+    heartbeat_timeout_s: a peer silent for this long is declared lost, and every other process
+    stops with JAX's "tasks are unhealthy (stopped sending heartbeats): <id>" error.
+    shutdown_timeout_s: how long the exit barrier waits for the other processes.
+    """
+    kwargs = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+              "process_id": process_id, "heartbeat_timeout_seconds": heartbeat_timeout_s,
+              "shutdown_timeout_seconds": shutdown_timeout_s,
+              "initialization_timeout": initialization_timeout_s}
+    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def is_writer() -> bool:
+    """True on the one process that writes shared files (reports, metadata): process 0."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches `name` (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def process_rows(num: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:
+    """This process's rows [start, stop) of `num` rows split in contiguous blocks of
+    ceil(num / count) (the last ones may be shorter or empty)."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    per = -(-num // count)
+    return min(index * per, num), min((index + 1) * per, num)
+
+
+def gather_rows(local: np.ndarray, max_rows: int) -> np.ndarray:
+    """Every process's rows [n_p, ...] (n_p <= max_rows, the same bound on every process)
+    concatenated in process order: with `process_rows` blocks, all rows in their global order.
+
+    Blocks are padded to max_rows for the all-gather and trimmed after; with one process the
+    array is returned as it is.
+    """
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local
+    if len(local) > max_rows:
+        raise ValueError(f"{len(local)} rows exceed max_rows={max_rows}")
+    padded = np.zeros((max_rows, *local.shape[1:]), local.dtype)
+    padded[:len(local)] = local
+    every = np.asarray(multihost_utils.process_allgather(padded, tiled=True))  # [count*max_rows, ...]
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(local)]), tiled=True))
+    return np.concatenate([every[p * max_rows:p * max_rows + int(n)] for p, n in enumerate(sizes)])

@@ -16,7 +16,7 @@ LAYERS = [
     ("ddjax.__init__", "ddjax.utils", "ddjax.kernels", "ddjax.sharding", "ddjax.configs_path"),
     ("ddjax.teacher", "ddjax.evaluate.fid", "ddjax.evaluate.prdc", "ddjax.evaluate.inception",
      "ddjax.evaluate.features", "ddjax.evaluate.digits", "ddjax.evaluate.lpips",
-     "ddjax.evaluate.scoring", "ddjax.evaluate.__init__"),
+     "ddjax.evaluate.scoring", "ddjax.evaluate.reference", "ddjax.evaluate.__init__"),
     ("ddjax.mapper",),
     ("ddjax.student",),
     ("ddjax.evaluate.methods", "ddjax.evaluate.report", "ddjax.convert"),

@@ -16,6 +16,7 @@ from absl import logging
 
 from ddjax import sharding
 from ddjax.evaluate import lpips as lpips_lib
+from ddjax.evaluate import reference as reference_lib
 from ddjax.evaluate.digits import digits_images
 from ddjax.evaluate.features import FeatureExtractor, get_extractor
 from ddjax.mapper.pairs import PairDataset
@@ -81,8 +82,12 @@ def build_teacher(config: Any) -> Teacher:
 
 # -- the rest -----------------------------------------------------------------------------------
 def make_mesh(config: Any, local: bool = False) -> Any:
-    """The mesh of config.mesh over all devices (or this process's, for pair generation)."""
-    return sharding.make_mesh(dict(config.mesh), devices=jax.local_devices() if local else None)
+    """The mesh of config.mesh over all devices, or (local) a data-parallel mesh over this
+    process's devices for pair generation (each process maps its own shards; config.mesh may
+    span processes, e.g. fsdp within a host and data across hosts)."""
+    if local:
+        return sharding.make_mesh({"data": -1}, devices=jax.local_devices())
+    return sharding.make_mesh(dict(config.mesh))
 
 
 def pairs_dir(config: Any, workdir: str) -> str:
@@ -122,11 +127,18 @@ def extractor(config: Any) -> FeatureExtractor:
     return get_extractor(config.eval.extractor, weights or None)
 
 
-def reference(config: Any, image_size: int) -> Any:
-    """The FID reference: the digits images [M, H, W, 3] in [-1, 1], or a statistics path."""
+def reference(config: Any, image_size: int, features: FeatureExtractor, workdir: str) -> Any:
+    """The FID reference: the digits images [M, H, W, 3] in [-1, 1], the statistics of
+    tfds:NAME/SPLIT (cached in WORKDIR/reference), or a statistics path."""
     ref = config.eval.reference
     if ref == "digits":
         return digits_images(size=image_size)[0]
+    tfds_name = reference_lib.parse_tfds(ref)
+    if tfds_name is not None:
+        name = "_".join((*tfds_name, features.name, str(image_size)))
+        cache = os.path.join(workdir, "reference", "".join(c if c.isalnum() else "_" for c in name) + ".npz")
+        return reference_lib.tfds_reference(ref, features, image_size, cache,
+                                            data_dir=resolve_path(config.eval.tfds_data_dir) or None)
     path = resolve_path(ref)
     if not os.path.exists(path):
         raise FileNotFoundError(f"config.eval.reference not found: {path}")

@@ -146,8 +146,9 @@ def _methods(run: Run, with_baseline: bool = True) -> dict:
 
 def mode_evaluate(run: Run) -> dict:
     """Samples every method on the same noise/labels, scores them, writes report.md + PNGs."""
-    return report_lib.evaluate(run.teacher, _methods(run), run.settings.eval, build.extractor(run.config),
-                               build.reference(run.config, run.teacher.image_size),
+    features = build.extractor(run.config)
+    return report_lib.evaluate(run.teacher, _methods(run), run.settings.eval, features,
+                               build.reference(run.config, run.teacher.image_size, features, run.workdir),
                                os.path.join(run.workdir, "report"), description=_description(run))
 
 
@@ -211,8 +212,9 @@ def run(config: Any, workdir: str) -> Any:
     if config.mode not in ALL_MODES:
         raise ValueError(f"config.mode={config.mode!r} is not available; modes: {sorted(ALL_MODES)}")
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+    if sharding.is_writer():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
     if config.mode in DEMO_MODES:
         out = DEMO_MODES[config.mode](config, workdir)
         if config.get("export_dir") and config.mode in ("train_teacher", "evaluate_teacher"):

@@ -137,12 +137,18 @@ def save_statistics(
     mu: np.ndarray,
     sigma: np.ndarray,
     protocol: str | None = None,
+    metadata: dict[str, str | int] | None = None,
 ) -> None:
-    """Write `mu` [F] and `sigma` [F, F] to a pytorch-fid compatible `.npz` (plus `protocol`)."""
+    """Write `mu` [F] and `sigma` [F, F] to a pytorch-fid compatible `.npz` (plus `protocol`
+    and `metadata`, scalar entries such as the dataset, split and count; readers ignore them)."""
     mu, sigma = _check_stats(mu, sigma, "statistics")
     arrays: dict[str, np.ndarray] = {"mu": mu, "sigma": sigma}
     if protocol is not None:
         arrays["protocol"] = np.asarray(protocol)
+    for key, value in (metadata or {}).items():
+        if key in ("mu", "sigma", "protocol"):
+            raise ValueError(f"metadata key {key!r} is reserved")
+        arrays[key] = np.asarray(value)
     np.savez(path, **arrays)
 
 

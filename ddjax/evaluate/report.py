@@ -8,7 +8,8 @@ before the features, for the samples and for a reference given as images. FID, k
 and recall come from `ddjax.evaluate.scoring.score_features`; the speed-up column is against
 the teacher's ancestral sampler timed in the same run; token agreement is against the
 teacher's flow map of the same noise. Writes OUT/report.md, results.json,
-quality_vs_steps.png and one PNG grid per method.
+quality_vs_steps.png and one PNG grid per method (process 0 only; every process samples its
+block of the rows and the scores use all of them, gathered).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import jax
 import numpy as np
 from absl import logging
 
+from ddjax import sharding
 from ddjax.evaluate.features import FeatureExtractor
 from ddjax.evaluate.fid import fid_from_features
 from ddjax.evaluate.methods import FLOW_MAP, ONESTEP, TEACHER, Method
+from ddjax.evaluate.reference import parse_tfds
 from ddjax.evaluate.scoring import score_features
 from ddjax.student.model import nearest_code
 from ddjax.teacher.base import Teacher
@@ -44,7 +47,8 @@ class EvalSettings:
     seed: int = 1234
     extractor: str = "inception"  # or "digits" (the demo's classifier features)
     extractor_weights: str = ""  # pytorch-fid Inception .pth/.npz; digits classifier .npz
-    reference: str = ""  # FID reference: stats .npz (mu, sigma) or "digits" (the demo data)
+    reference: str = ""  # FID reference: stats .npz (mu, sigma), tfds:NAME/SPLIT or "digits"
+    tfds_data_dir: str = ""  # data_dir of a tfds: reference ("" = TFDS's default); never downloads
     grid_size: int = 64  # images per PNG grid
 
     def check(self) -> None:
@@ -53,7 +57,9 @@ class EvalSettings:
                 raise ValueError(f"config.eval.{name} must be positive, got {getattr(self, name)}")
         if not self.reference:
             raise ValueError("config.eval.reference is empty: give FID reference statistics (.npz "
-                             "with mu and sigma for the extractor's features) or 'digits'")
+                             "with mu and sigma for the extractor's features), tfds:NAME/SPLIT "
+                             "or 'digits'")
+        parse_tfds(self.reference)  # a malformed tfds: reference raises here
 
 
 def eval_inputs(seed: int, num: int, seq_len: int, dim: int, num_classes: int
@@ -92,7 +98,9 @@ def evaluate(teacher: Teacher, methods: dict[str, Method], settings: EvalSetting
     """Samples every method, scores it and writes the report.
 
     reference: real images [M, H, W, 3] in [-1, 1] (quantised and featurised here), features
-    [M, F], or a statistics `.npz` path. Returns {"results", "report", "fid_floor"}.
+    [M, F], or a statistics `.npz` path. Returns {"results", "report", "fid_floor"} on every
+    process; with several processes the rows are split over them (`sharding.process_rows`), the
+    results are computed from all rows gathered, and only process 0 writes into out_dir.
     """
     settings.check()
     for need in (TEACHER, FLOW_MAP, ONESTEP):
@@ -101,17 +109,28 @@ def evaluate(teacher: Teacher, methods: dict[str, Method], settings: EvalSetting
     n = settings.num_samples
     noise, labels = eval_inputs(settings.seed, n, teacher.seq_len, teacher.code_dim, teacher.num_classes)
     rows = np.arange(n, dtype=np.int64)
-    os.makedirs(out_dir, exist_ok=True)
+    # With several processes each samples its block of rows; tokens, features, the grid's
+    # images and the latency are gathered, and process 0 alone writes files.
+    lo, hi = sharding.process_rows(n)
+    per, grid_rows = -(-n // jax.process_count()), min(settings.grid_size, n)
+    writer = sharding.is_writer()
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
     results, feats, tokens = {}, {}, {}
     codebook = np.asarray(teacher.codebook)
     for name, m in methods.items():
-        logging.info("evaluate: sampling %s (%d images)", name, n)
-        latents, sec = map_batches(m.fn, (noise, labels, rows), settings.batch_size, warmup=True)
-        tokens[name] = np.asarray(nearest_code(latents, codebook))
-        images = np.concatenate([teacher.decode_latents(latents[i:i + 256]) for i in range(0, n, 256)])
-        feats[name] = extractor(save_image_uint8(images))
-        save_grid(os.path.join(out_dir, f"{slug(name)}.png"), images[: settings.grid_size],
-                  nrow=int(math.sqrt(settings.grid_size)), scale=max(1, 64 // images.shape[1]))
+        logging.info("evaluate: sampling %s (%d images, rows %d-%d here)", name, n, lo, hi)
+        latents, sec = map_batches(m.fn, (noise[lo:hi], labels[lo:hi], rows[lo:hi]),
+                                   settings.batch_size, warmup=True)
+        tokens[name] = sharding.gather_rows(np.asarray(nearest_code(latents, codebook)), per)
+        images = np.concatenate([teacher.decode_latents(latents[i:i + 256])
+                                 for i in range(0, hi - lo, 256)])
+        feats[name] = sharding.gather_rows(extractor(save_image_uint8(images)), per)
+        grid = sharding.gather_rows(images[:max(0, min(hi, grid_rows) - lo)], grid_rows)
+        if writer:
+            save_grid(os.path.join(out_dir, f"{slug(name)}.png"), grid[:grid_rows],
+                      nrow=int(math.sqrt(settings.grid_size)), scale=max(1, 64 // images.shape[1]))
+        sec = float(np.mean(sharding.gather_rows(np.asarray([sec]), 1)))
         results[name] = {"steps": m.steps, "latency_s": sec}
     if isinstance(reference, np.ndarray) and reference.ndim == 4:
         reference = extractor(save_image_uint8(reference))
@@ -123,8 +142,10 @@ def evaluate(teacher: Teacher, methods: dict[str, Method], settings: EvalSetting
         r["token_agreement"] = float((tokens[name] == tokens[FLOW_MAP]).mean())
         r["speedup"] = results[TEACHER]["latency_s"] / r["latency_s"]
     floor = data_fid_floor(reference, settings.seed)
-    path = write_report(out_dir, results, description=list(description), reference=settings.reference,
-                        fid_floor=floor)
+    path = os.path.join(out_dir, "report.md")
+    if writer:
+        path = write_report(out_dir, results, description=list(description),
+                            reference=settings.reference, fid_floor=floor)
     return {"results": results, "report": path, "fid_floor": floor}
 
 

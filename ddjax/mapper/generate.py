@@ -100,6 +100,7 @@ def check_teacher_flow(teacher: Teacher, sampling: Any, flow: FlowSettings, sett
 def write_pairs(teacher: Teacher, directory: str, settings: PairSettings, sampling: Any,
                 flow: FlowSettings, *, mesh: Any) -> list[int]:
     """Writes this process's missing shards of the pair dataset; returns the shards written.
+    With several processes it returns when every process has written its shards.
 
     mesh: this process's local devices (each process maps its own shards).
     """
@@ -123,6 +124,7 @@ def write_pairs(teacher: Teacher, directory: str, settings: PairSettings, sampli
 
     written = generate_pairs(directory, spec, map_fn, settings.batch_size,
                              verify_existing=settings.verify_existing, checks=checks or None)
+    sharding.barrier("ddjax pairs written")  # every process's shards exist past this point
     logging.info("pairs in %s: wrote %d shards now, %d in total", directory, len(written),
                  spec.num_shards)
     return written

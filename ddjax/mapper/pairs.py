@@ -190,10 +190,12 @@ def generate_pairs(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     prepare_directory(directory, spec, checks)
-    for name in os.listdir(directory):
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(directory, name))  # a write cut short by a kill
     mine = [s for s in range(spec.num_shards) if s % process_count == process_index]
+    for s in mine:  # writes of this process cut short by a kill (the others' are theirs)
+        for suffix in (".npz.tmp", ".json.tmp"):
+            path = os.path.join(directory, shard_name(s) + suffix)
+            if os.path.exists(path):
+                os.remove(path)
     todo = [s for s in mine if not shard_done(directory, s, verify_existing)]
     total = sum(spec.shard_range(s)[1] - spec.shard_range(s)[0] for s in todo)
     logging.info("pairs: %d/%d shards of this process to write (%d pairs)", len(todo), len(mine), total)

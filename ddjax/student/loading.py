@@ -49,7 +49,9 @@ def _abstract(cfg: model_lib.DDConfig) -> Any:
 
 def load_training_run(path: str, step: int | None = None,
                       ema: bool = True) -> tuple[model_lib.DDConfig, Any, dict]:
-    """(DDConfig, params, meta with "step") from WORKDIR or WORKDIR/student."""
+    """(DDConfig, params, meta with "step") from WORKDIR or WORKDIR/student; the params are
+    restored onto this process's first device (a sampler's placement), whatever mesh, device
+    count or process count trained them."""
     student_dir = path if os.path.exists(os.path.join(path, META_FILE)) else os.path.join(path, STUDENT_DIR)
     meta_path = os.path.join(student_dir, META_FILE)
     if not os.path.exists(meta_path):
@@ -67,7 +69,11 @@ def load_training_run(path: str, step: int | None = None,
         mngr.close()
         raise FileNotFoundError(f"{student_dir} has no training checkpoint yet")
     item = "ema_params" if ema else "params"
-    got = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(_abstract(cfg))}))
+    # Onto this process's first device, whatever mesh and process count saved the checkpoint.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                    _abstract(cfg))
+    got = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
     mngr.close()
     return cfg, got[item], {**meta, "step": int(step)}
 
