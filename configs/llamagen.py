@@ -40,7 +40,7 @@ _none = mlc.config_dict.placeholder
 
 
 def _flow_defaults() -> dict:
-    """ddjax.mapper.flow.FlowSettings' measured defaults (RK4, 20 quadratic steps, late pruning)."""
+    """ddjax.mapper.flow.FlowSettings' measured defaults (RK4, 32 cubic steps, bound-checked late pruning)."""
     import dataclasses  # noqa: PLC0415
 
     from ddjax.mapper.flow import FlowSettings  # noqa: PLC0415

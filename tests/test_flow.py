@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ddjax.mapper import flow
+from ddjax.mapper import check, flow, prune
 
 
 def unit_codebook(rng: np.random.Generator, k: int, d: int = 8) -> np.ndarray:
@@ -289,8 +290,8 @@ def test_prune_bound_dominates_the_true_weights(case):
         # points at time t0 drawn from the flow's own marginal (1 - t) x_0 + t eps
         idx = np.array([rng.choice(c.shape[0], p=np.exp(row)) for row in log_p])
         x0 = (1 - t0) * c[idx] + t0 * rng.normal(size=(n, 8))
-        bound = flow.prune_bound(x0, t0, log_p, c, t_end, prune_k=256, prune_tol=1e-4)
-        keep, claimed = map(np.asarray, flow.prune_keep(bound, 256))
+        bound = prune.prune_bound(x0, t0, log_p, c, t_end, prune_k=256, prune_tol=1e-4)
+        keep, claimed = map(np.asarray, prune.keep(bound, 256))
         ok = np.asarray(bound.certified)
         worst, dropped = fine_pruned_flow(x0[ok], t0, t_end, log_p[ok], c, keep[ok])
         # the claimed mass and every code's bound are upper bounds along the whole trajectory
@@ -303,3 +304,55 @@ def test_prune_bound_dominates_the_true_weights(case):
         grouped += np.sum(np.asarray(bound.core)[ok].sum(-1) > 1)
     assert 0 < certified < 3 * n  # not vacuous: rows certified and not (t0 = 0.3 is too early)
     assert (grouped > 0) == (case == "clustered")  # clustered rows certified with a group core
+
+
+def test_map_token_accepts_leading_dims():
+    rng = np.random.default_rng(13)
+    c = unit_codebook(rng, 200)
+    log_p = log_softmax(2 * rng.normal(size=(3, 5, 200))).astype(np.float32)
+    noise = rng.normal(size=(3, 5, 8)).astype(np.float32)
+    ids = flow.map_token(noise, log_p, c)
+    assert ids.shape == (3, 5)
+    np.testing.assert_array_equal(ids.reshape(-1), flow.map_token(noise.reshape(15, 8),
+                                                                  log_p.reshape(15, 200), c))
+
+
+# --- the pre-write check -------------------------------------------------------------------------
+
+
+def test_check_flow_passes_a_good_setting_and_stops_a_bad_one():
+    rng = np.random.default_rng(14)
+    c = unit_codebook(rng, 512)
+    log_p = log_softmax(3 * rng.normal(size=(128, 512))).astype(np.float32)
+    good = check.check_flow(log_p, c, flow.FlowSettings(), key=jax.random.PRNGKey(3))
+    assert good.agreement >= 0.99 and good.passed and good.num_tokens == 128
+    assert good.reference == check.REFERENCE and good.reference.prune_t is None
+    assert check.require_flow(good) is good
+    assert json.loads(json.dumps(good.to_json()))["agreement"] == good.agreement
+    assert jnp.zeros(1).dtype == jnp.float32  # float64 stayed inside the check
+
+    coarse = flow.FlowSettings(solver="euler", num_steps=2)
+    bad = check.check_flow(log_p, c, coarse, noise=rng.normal(size=(128, 8)), threshold=0.999)
+    assert not bad.passed and bad.agreement < 0.9
+    with pytest.raises(check.FlowCheckError) as err:
+        check.require_flow(bad)
+    assert isinstance(err.value, ValueError)
+    for field in ("config.flow.num_steps", "config.flow.prune_t", "config.flow.solver",
+                  "config.data.flow_check_threshold", f"{100 * bad.agreement:.2f}%", "99.90%"):
+        assert field in str(err.value)
+
+
+def test_reference_matches_exact_two_code_map():
+    # Two codes: the exact map sends eps to code 1 iff eps . u > q, u = (c1 - c0)/|c1 - c0|,
+    # q the p_0-quantile of N(0, 1) (the flow is monotone along u and constant across it).
+    rng = np.random.default_rng(15)
+    c = unit_codebook(rng, 2)
+    p0 = 0.3
+    log_p = np.log(np.broadcast_to([p0, 1 - p0], (400, 2))).astype(np.float32)
+    u = (c[1] - c[0]) / np.linalg.norm(c[1] - c[0])
+    z = rng.normal(size=(400, 8))
+    q = stats.norm.ppf(p0)
+    far = np.abs(z @ u - q) > 1e-3
+    want = (z @ u > q).astype(np.int32)
+    got = check.reference_tokens(z, log_p, c)
+    np.testing.assert_array_equal(got[far], want[far])

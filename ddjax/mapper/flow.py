@@ -10,7 +10,7 @@ t = 1 down to t_min and snapping to the nearest code gives a deterministic map e
 pushes N(0, I) forward to p.
 
 Late pruning (`FlowSettings.prune_t`) finishes a row's integration on a few codes only when a
-bound (`prune_bound`, derivation in its docstring) proves that the codes it drops keep a
+bound (`ddjax.mapper.prune`, derivation in `prune_bound`'s docstring) proves that the codes it drops keep a
 posterior weight below `prune_tol` for the whole rest of the integration; rows the bound does not
 certify keep integrating over all codes. Pruning therefore changes a token only through the
 (tiny, bounded) velocity error it admits, on every codebook.
@@ -31,20 +31,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ddjax.mapper.codes import column, dots, gather, logits_from_dots, mix, sq_norms
+from ddjax.mapper.prune import SMALL_KEEP, PruneBound, certify, keep
 
 Array = jax.Array
 Solver = Literal["euler", "heun", "rk4"]
 SOLVERS: tuple[str, ...] = ("euler", "heun", "rk4")
 Schedule = Literal["linear", "quadratic", "cubic", "log"]
 SCHEDULES: tuple[str, ...] = ("linear", "quadratic", "cubic", "log")
-# Slack of the pruning bound's bootstrap: the posterior mean may move up to
-# PRUNE_SLACK * (largest distance from the top code to a code of the row) away from the top code.
-PRUNE_SLACK = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,55 +113,8 @@ def time_grid(
     return t.astype(dtype)
 
 
-# --- codebooks: shared [K, d] or one per row [N, S, d] (after pruning) -----------------------
-
-
-def _dots(x: Array, codebook: Array) -> Array:
-    """x . c_k for every row: [N, d] with [K, d] or [N, S, d] -> [N, K] (or [N, S])."""
-    if codebook.ndim == 2:
-        return x @ codebook.T
-    return jnp.einsum("nd,nsd->ns", x, codebook)
-
-
-def _mix(w: Array, codebook: Array) -> Array:
-    """sum_k w_k c_k for every row: [N, K] with [K, d] or [N, S, d] -> [N, d]."""
-    if codebook.ndim == 2:
-        return w @ codebook
-    return jnp.einsum("ns,nsd->nd", w, codebook)
-
-
-def _sq_norms(codebook: Array) -> Array:
-    """|c_k|^2 broadcastable against [N, K]: [1, K] or [N, S]."""
-    c2 = jnp.sum(codebook * codebook, axis=-1)
-    return c2[None, :] if codebook.ndim == 2 else c2
-
-
-def _gather(log_p: Array, codebook: Array, idx: Array) -> tuple[Array, Array]:
-    """Keeps the codes idx [N, S] of each row: log_p [N, S] and per-row codebooks [N, S, d]."""
-    lp = jnp.take_along_axis(log_p, idx, axis=1)
-    if codebook.ndim == 2:
-        return lp, jnp.take(codebook, idx, axis=0)
-    return lp, jnp.take_along_axis(codebook, idx[..., None], axis=1)
-
-
-def _column(t: Array | float, n: int, dtype=jnp.float32) -> Array:
-    """A scalar or [N] time as an [N, 1] column."""
-    return jnp.broadcast_to(jnp.asarray(t, dtype).reshape(-1, 1), (n, 1))
-
-
-def _logits_from_dots(xc: Array, t: Array, log_p: Array, c2: Array) -> Array:
-    """Posterior logits up to a per-row constant, from xc = x . c_k [N, K] and t [N, 1].
-
-    The |x|^2 / (2 t^2) term is dropped: the softmax does not see a per-row shift, and leaving
-    |x|^2 out avoids subtracting two large numbers when t is small (the 1/t^2 factor would
-    magnify their rounding error).
-    """
-    a = 1.0 - t
-    return log_p + (2.0 * a * xc - a * a * c2) / (2.0 * t * t)
-
-
 def _shifted_logits(x: Array, t: Array, log_p: Array, codebook: Array, c2: Array) -> Array:
-    return _logits_from_dots(_dots(x, codebook), t, log_p, c2)
+    return logits_from_dots(dots(x, codebook), t, log_p, c2)
 
 
 def posterior_logits(x: Array, t: Array | float, log_p: Array, codebook: Array) -> Array:
@@ -179,10 +132,10 @@ def posterior_logits(x: Array, t: Array | float, log_p: Array, codebook: Array) 
     x = jnp.asarray(x, jnp.float32)
     log_p = jnp.asarray(log_p, jnp.float32)
     codebook = jnp.asarray(codebook, jnp.float32)
-    t = _column(t, x.shape[0])
+    t = column(t, x.shape[0])
     a = 1.0 - t
     x2 = jnp.sum(x * x, axis=-1, keepdims=True)
-    sq = x2 - 2.0 * a * _dots(x, codebook) + a * a * _sq_norms(codebook)
+    sq = x2 - 2.0 * a * dots(x, codebook) + a * a * sq_norms(codebook)
     sq = jnp.maximum(sq, 0.0)  # rounding can make a tiny distance negative
     return log_p - sq / (2.0 * t * t)
 
@@ -192,7 +145,7 @@ def _velocity_from_logits(x: Array, t: Array, logits: Array, codebook: Array) ->
     # while a row keeps one finite entry), and dividing the [N, d] mix instead of the [N, K]
     # weights saves a K-wide pass.
     e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-    mean = _mix(e, codebook) / jnp.sum(e, axis=-1, keepdims=True)
+    mean = mix(e, codebook) / jnp.sum(e, axis=-1, keepdims=True)
     return (x - mean) / t
 
 
@@ -207,164 +160,8 @@ def velocity(x: Array, t: Array | float, log_p: Array, codebook: Array) -> Array
     """
     x = jnp.asarray(x, jnp.float32)
     codebook = jnp.asarray(codebook, jnp.float32)
-    t = _column(t, x.shape[0])
-    return _velocity(x, t, jnp.asarray(log_p, jnp.float32), codebook, _sq_norms(codebook))
-
-
-# --- the pruning bound ----------------------------------------------------------------------
-
-
-class PruneBound(NamedTuple):
-    """`prune_bound`'s result for N rows over K codes."""
-
-    log_ratio: Array  # [N, K] F_j >= log(w_j / W_core) until t_end; -inf: core and removed codes
-    core: Array  # [N, K] bool, the core codes (always kept)
-    distance: Array  # [N, K] |c_j - core mean|
-    certified: Array  # [N] bool: the bound holds and at most prune_k codes must be kept
-
-
-def _growth(beta: Array, gamma: Array, big_t: Array) -> Array:
-    """max over tau in [0, big_t] of tau beta - tau^2 gamma / 2 (closed form, elementwise)."""
-    at_end = big_t * beta - 0.5 * big_t * big_t * gamma
-    tau = jnp.clip(beta / jnp.where(gamma > 0, gamma, 1.0), 0.0, big_t)
-    inner = jnp.where(gamma > 0, tau * beta - 0.5 * tau * tau * gamma, 0.0)
-    return jnp.maximum(jnp.maximum(at_end, inner), 0.0)
-
-
-def _core_bound(
-    x: Array, t: Array, t_end: float, xc: Array, logits: Array, finite: Array, codebook: Array,
-    c2: Array, core: Array, prune_k: int, prune_tol: float,
-) -> PruneBound:
-    """The bound of `prune_bound` for one core [N, K] bool per row (see its docstring)."""
-    lc = jnp.where(core, logits, -jnp.inf)
-    top = jnp.max(lc, axis=-1, keepdims=True)
-    wt = jnp.exp(lc - top)
-    z = jnp.sum(wt, axis=-1, keepdims=True)
-    w = wt / z
-    log_z = top + jnp.log(z)
-    c_bar = _mix(w, codebook)  # the core's posterior mean now
-    cc = _dots(c_bar, codebook)
-    e2 = jnp.maximum(c2 - 2.0 * cc + jnp.sum(c_bar * c_bar, axis=-1, keepdims=True), 0.0)
-    e = jnp.sqrt(e2)
-    var = jnp.sum(w * e2, axis=-1, keepdims=True)
-    r_core = jnp.max(jnp.where(core, e, 0.0), axis=-1, keepdims=True)
-    slack = PRUNE_SLACK * jnp.max(jnp.where(finite, e, 0.0), axis=-1, keepdims=True)
-    rho = r_core + slack
-    a = 1.0 - t
-    lam0 = a / t
-    r = (x - a * c_bar) / t  # the noise the core mean implies
-    re = (xc - a * cc) / t - jnp.sum(r * c_bar, axis=-1, keepdims=True)  # r . (c_j - c_bar)
-    beta = re - lam0 * (e2 - var) + lam0 * e * rho
-    gamma = e2 - var - 2.0 * e * rho
-    f = logits - log_z + _growth(beta, gamma, 1.0 / t_end - 1.0 / t)
-    f = jnp.where(core | ~finite, -jnp.inf, f)
-    spread = jnp.sum(jnp.where(e > 0, jnp.exp(f) * e, 0.0), axis=-1)
-    needed = jnp.sum(core, axis=-1) + jnp.sum(f >= math.log(prune_tol / f.shape[-1]), axis=-1)
-    ok = ((spread < slack[:, 0]) | (spread == 0.0)) & (needed <= prune_k)
-    return PruneBound(f, core, e, ok)
-
-
-def _gap_radius(dist: Array, finite: Array, prune_k: int) -> Array:
-    """Per row [N, 1], the largest r = D 2^(-i/2) (D = largest distance, i = 1..16) such that no
-    code lies in (r, 2.5 r] and 2 <= #codes within r <= prune_k / 2; 0 if none. The codes within
-    r form a group that stands apart (e.g. near-duplicate codes of a trained codebook)."""
-    big = jnp.max(jnp.where(finite, dist, 0.0), axis=-1, keepdims=True)
-    best = jnp.zeros_like(big)
-    for i in range(16, 0, -1):  # increasing radii: the last one that qualifies wins
-        r = big * 2.0 ** (-i / 2)
-        inside = jnp.sum(finite & (dist <= r), axis=-1, keepdims=True)
-        ring = jnp.sum(finite & (dist > r) & (dist <= 2.5 * r), axis=-1, keepdims=True)
-        best = jnp.where((ring == 0) & (inside >= 2) & (2 * inside <= prune_k), r, best)
-    return best
-
-
-def _bound(
-    x: Array, t: Array, t_end: float, xc: Array, logits: Array, log_p: Array, codebook: Array,
-    c2: Array, prune_k: int, prune_tol: float,
-) -> PruneBound:
-    """`prune_bound` from the shared pieces: t [N, 1], xc = x . c [N, K], logits [N, K]."""
-    finite = log_p > -jnp.inf
-    top = jnp.argmax(logits, axis=-1)
-    single = _core_bound(x, t, t_end, xc, logits, finite, codebook, c2,
-                         jnp.arange(logits.shape[-1])[None, :] == top[:, None], prune_k, prune_tol)
-    radius = _gap_radius(single.distance, finite, prune_k)
-    group = _core_bound(x, t, t_end, xc, logits, finite, codebook, c2,
-                        finite & (single.distance <= radius) | single.core, prune_k, prune_tol)
-    use = (group.certified & ~single.certified)[:, None]
-    return PruneBound(jnp.where(use, group.log_ratio, single.log_ratio),
-                      jnp.where(use, group.core, single.core),
-                      jnp.where(use, group.distance, single.distance),
-                      single.certified | group.certified)
-
-
-def prune_bound(
-    x: Array, t: float, log_p: Array, codebook: Array, t_end: float,
-    prune_k: int = 64, prune_tol: float = 1e-4,
-) -> PruneBound:
-    """Bounds every code's posterior weight, relative to a core of codes, for all t' in [t_end, t].
-
-    Args:
-      x: [N, d] points at time t (0 < t_end <= t < 1).
-      log_p: [N, K] log-probabilities (-inf: removed); codebook: [K, d].
-      prune_k, prune_tol: a row is certified if its bound holds and at most prune_k codes (the
-        core included) have a bound >= prune_tol / K.
-    Returns:
-      PruneBound; `prune_keep` turns it into the kept codes and the dropped-mass bound.
-
-    The flow in other coordinates. With lambda = 1/t - 1 and u = x / t,
-    (x - (1 - t) c_k) / t = u - lambda c_k: the posterior logits are l_k = log p_k -
-    |u - lambda c_k|^2 / 2 and dx/dt = (x - m) / t (m = posterior mean of the codes the flow
-    uses) is du/dlambda = m. Hence u(lambda) = u_0 + tau mbar, tau = lambda - lambda_0 =
-    1/t' - 1/t >= 0, mbar = the average of m over [lambda_0, lambda]: mbar, like m, is a
-    weighted mean of codes.
-
-    The bound. Take a core C (weights wc = posterior restricted to C now, mean cbar, variance
-    V = sum wc |c - cbar|^2, radius R = max_C |c - cbar|), e_j = c_j - cbar and
-    r = (x - (1 - t) cbar) / t. By Gibbs' inequality log sum_C exp(l_k) >= sum_C wc_k l_k + H(wc)
-    (equality now), and expanding the squares, for every code j
-
-        log(w_j / W_C)(t') <= A_j + tau (r.e_j - lambda_0 (|e_j|^2 - V) + (lambda_0 + tau) e_j.delta)
-                              - tau^2 (|e_j|^2 - V) / 2,            delta = mbar - cbar,
-
-    A_j = log(w_j / W_C) now. If |delta| <= rho, e_j.delta <= |e_j| rho gives A_j + tau beta_j -
-    tau^2 gamma_j / 2 with beta_j = r.e_j - lambda_0 (|e_j|^2 - V - |e_j| rho) and gamma_j =
-    |e_j|^2 - V - 2 |e_j| rho; F_j (`log_ratio`) is its maximum over tau in [0, 1/t_end - 1/t]
-    (closed form). Bootstrap: |m - cbar| <= R + sum_{j not in C} (w_j / W_C) |e_j| <= R + B,
-    B = sum_j exp(F_j) |e_j|. With rho = R + PRUNE_SLACK * max_j |e_j| and B below that slack,
-    m (hence mbar) can never leave the rho-ball (continuity from t' = t), so the bound holds on
-    the whole interval, for the flow over all codes and for the flow over any kept set that
-    contains C. A row integrated on a kept set S therefore gives the codes it drops a total
-    weight, relative to the kept ones, of at most sum_{j not in S} exp(F_j) < prune_tol at every
-    point of its remaining trajectory: the pruned velocity differs from the full one at the same
-    point by less than prune_tol * (largest distance between codes) / t. The weight of a code j
-    relative to the core can grow by up to exp(F_j - A_j) = exp(max_tau(tau beta_j - tau^2
-    gamma_j / 2)), large for codes close to the core (gamma_j <= 0): those must be kept.
-
-    Two cores are tried per row: the top code alone (V = R = 0; the usual case) and a group of
-    codes around it that stands apart from the rest (no code at 1..2.5 times its radius:
-    clustered codebooks, where the posterior stays spread over the group until very late). The
-    bound is for the exact flow from x; the integrator follows it up to its integration error.
-    """
-    x = jnp.asarray(x, jnp.float32)
-    log_p = jnp.asarray(log_p, jnp.float32)
-    codebook = jnp.asarray(codebook, jnp.float32)
-    if not 0.0 < t_end <= t < 1.0:
-        raise ValueError(f"need 0 < t_end <= t < 1, got t={t}, t_end={t_end}")
-    tc = _column(t, x.shape[0])
-    c2 = _sq_norms(codebook)
-    xc = _dots(x, codebook)
-    logits = _logits_from_dots(xc, tc, log_p, c2)
-    return _bound(x, tc, t_end, xc, logits, log_p, codebook, c2, prune_k, prune_tol)
-
-
-def prune_keep(bound: PruneBound, prune_k: int) -> tuple[Array, Array]:
-    """The codes to keep [N, prune_k] int32 (the core first, then by bound) and an upper bound [N]
-    on the dropped codes' total posterior weight relative to the kept ones, valid at every
-    t' in [t_end, t] of the flow over the kept codes. A certified row's is below prune_tol."""
-    f = bound.log_ratio
-    vals, idx = jax.lax.top_k(jnp.where(bound.core, jnp.inf, f), prune_k)
-    dropped = jnp.sum(jnp.where(~bound.core & (f <= vals[:, -1:]), jnp.exp(f), 0.0), axis=-1)
-    return idx, dropped
+    t = column(t, x.shape[0])
+    return _velocity(x, t, jnp.asarray(log_p, jnp.float32), codebook, sq_norms(codebook))
 
 
 # --- integration --------------------------------------------------------------------------------
@@ -387,8 +184,8 @@ def _step(v, x: Array, t: Array, s: Array, solver: str, k1: Array | None = None)
 
 def _field(log_p: Array, codebook: Array, n: int, dtype):
     """v(x, t) for scalar t over the given codes."""
-    c2 = _sq_norms(codebook)
-    return lambda x, t: _velocity(x, _column(t, n, dtype), log_p, codebook, c2)
+    c2 = sq_norms(codebook)
+    return lambda x, t: _velocity(x, column(t, n, dtype), log_p, codebook, c2)
 
 
 def _loop_length(ts: np.ndarray, solver: str) -> tuple[int, bool]:
@@ -427,20 +224,37 @@ def _solve_pruned(
     grid = jnp.asarray(ts, dtype)
     n_loop, last_is_euler = _loop_length(ts, s.solver)
     t_end = float(ts[-1]) if ts[-1] > 0 else float(ts[-2])
-    c2 = _sq_norms(codebook)
+    c2 = sq_norms(codebook)
     v_full = _field(log_p, codebook, n, dtype)
+
+    def kept_codes(bound: PruneBound, new: Array) -> tuple[Array, Array]:
+        """log p [N, k] and codes [N, k, d] a row keeps: SMALL_KEEP of them (padded with
+        removed codes) if it needs no more, else k; decided per row."""
+        def take(size: int) -> tuple[Array, Array]:
+            lp, cb = gather(log_p, codebook, keep(bound, size)[0])
+            pad = k - size
+            return (jnp.pad(lp, ((0, 0), (0, pad)), constant_values=-jnp.inf),
+                    jnp.pad(cb, ((0, 0), (0, pad), (0, 0))))
+
+        if k <= SMALL_KEEP:
+            return take(k)
+        small = take(SMALL_KEEP)
+        wide = new & (bound.needed > SMALL_KEEP)
+        big = jax.lax.cond(jnp.any(wide), lambda _: take(k), lambda _: small, None)
+        use = bound.needed <= SMALL_KEEP
+        return jnp.where(use[:, None], small[0], big[0]), jnp.where(use[:, None, None], small[1], big[1])
 
     def full_step(x, t, t_next, solver, state):
         done, lp_s, cb_s, at, i = state
-        tc = _column(t, n, dtype)
-        xc = _dots(x, codebook)
-        logits = _logits_from_dots(xc, tc, log_p, c2)
-        bound = _bound(x, tc, t_end, xc, logits, log_p, codebook, c2, k, s.prune_tol)
+        tc = column(t, n, dtype)
+        xc = dots(x, codebook)
+        logits = logits_from_dots(xc, tc, log_p, c2)
+        bound = certify(x, tc, t_end, xc, logits, log_p, codebook, c2, k, s.prune_tol, ~done)
         new = bound.certified & ~done
         x_full = _step(v_full, x, t, t_next, solver, _velocity_from_logits(x, tc, logits, codebook))
 
         def take(_):
-            lp_n, cb_n = _gather(log_p, codebook, prune_keep(bound, k)[0])
+            lp_n, cb_n = kept_codes(bound, new)
             return jnp.where(new[:, None], lp_n, lp_s), jnp.where(new[:, None, None], cb_n, cb_s)
 
         lp_s, cb_s = jax.lax.cond(jnp.any(new), take, lambda _: (lp_s, cb_s), None)
@@ -483,7 +297,7 @@ def _integrate_rows(
     never = jnp.full((x.shape[0],), len(ts) - 1, jnp.int32)
     if s.support_k is not None and s.support_k < log_p.shape[-1]:
         # top-k by log p: exact when the row has <= support_k finite entries.
-        log_p, codebook = _gather(log_p, codebook, jax.lax.top_k(log_p, s.support_k)[1])
+        log_p, codebook = gather(log_p, codebook, jax.lax.top_k(log_p, s.support_k)[1])
     below = np.nonzero(ts[:-1] <= s.prune_t)[0] if s.prune_t is not None else []
     if len(below) == 0 or s.prune_k >= log_p.shape[-1]:
         return _solve(x, log_p, codebook, ts, s.solver), never
@@ -503,8 +317,9 @@ def _by_chunks(fn, chunk: int, *rows: Array):
 
     def blocks(a: Array) -> Array:
         if pad:
-            # padding rows get log p = 0 everywhere (a valid, unnormalised p) and x = 0
-            a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)], axis=0)
+            # padding rows repeat the last row: valid inputs that behave like real rows (a
+            # uniform p at x = 0 would never be pruned and keep its block at full width)
+            a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
         return a.reshape((n_blocks, chunk) + a.shape[1:])
 
     out = jax.lax.map(lambda args: fn(*args), tuple(blocks(a) for a in rows))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -82,6 +83,24 @@ def distribution(name: str, tokens: int, k: int, seed: int = 1) -> np.ndarray:
         cut = np.partition(logits, k - top, axis=1)[:, k - top][:, None]
         logits = np.where(logits >= cut, logits, -np.inf)
     return log_softmax(logits)
+
+
+def cached_references(
+    directory: str, name: str, noise: np.ndarray, log_p: np.ndarray, cb: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference tokens for all rows, and those of REFERENCE_CHECK for the first n rows."""
+    digest = hashlib.sha256(repr((REFERENCE, REFERENCE_CHECK, cb.tobytes())).encode()).hexdigest()[:12]
+    key = f"{name}-{len(noise)}-{n}-{digest}.npz"
+    path = os.path.join(directory, key) if directory else ""
+    if path and os.path.exists(path):
+        with np.load(path) as f:
+            return f["ref"], f["check"]
+    ref = reference_tokens(noise, log_p, cb, REFERENCE)
+    check = reference_tokens(noise[:n], log_p[:n], cb, REFERENCE_CHECK)
+    if path:
+        os.makedirs(directory, exist_ok=True)
+        np.savez(path, ref=ref, check=check)
+    return ref, check
 
 
 def candidates(quick: bool) -> list[FlowSettings]:
@@ -141,6 +160,8 @@ def main() -> None:
     parser.add_argument("--codebooks", default=",".join(CODEBOOKS))
     parser.add_argument("--distributions", default=",".join(DISTRIBUTIONS))
     parser.add_argument("--quick", action="store_true", help="two candidates only")
+    parser.add_argument("--reference-cache", default="",
+                        help="directory to keep the reference tokens in between runs")
     args = parser.parse_args()
     t_start, c_start = time.perf_counter(), time.process_time()
     print(f"tokens={args.tokens} devices={jax.devices()} cpus={os.cpu_count()} "
@@ -154,9 +175,9 @@ def main() -> None:
             log_p = distribution(dist, args.tokens, cb.shape[0])
             case = f"{cb_name} K={cb.shape[0]} / {dist}"
             t0 = time.perf_counter()
-            ref = reference_tokens(noise, log_p, cb, REFERENCE)
             n = args.check_tokens
-            check = reference_tokens(noise[:n], log_p[:n], cb, REFERENCE_CHECK)
+            ref, check = cached_references(args.reference_cache, f"{cb_name}-{dist}", noise, log_p,
+                                           cb, n)
             print(f"[{case}] reference {time.perf_counter() - t0:.0f} s; vs 256 steps on {n} "
                   f"tokens: {100 * np.mean(check == ref[:n]):.2f}%", flush=True)
             for s in candidates(args.quick):
