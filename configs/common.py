@@ -29,8 +29,8 @@ DIGITS_SAMPLING = {"cfg_scale": 1.5, "cfg_interval": -1, "temperature": 1.0, "to
 
 # ddjax.mapper.flow.FlowSettings' measured defaults (experiments/flow_solver; checked equal by
 # tests/test_configs.py).
-FLOW_DEFAULTS = {"solver": "rk4", "num_steps": 20, "t_min": 1e-3, "schedule": "quadratic",
-                 "support_k": _none(int), "prune_t": 0.1, "prune_k": 64, "chunk": 8}
+FLOW_DEFAULTS = {"solver": "rk4", "num_steps": 32, "t_min": 1e-3, "schedule": "cubic",
+                 "support_k": _none(int), "prune_t": 0.1, "prune_k": 512, "prune_tol": 1e-6, "chunk": 8}
 
 
 def parse_arg(arg: str | None, lazy: bool = False, **spec: Any) -> dict[str, Any]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
-from ddjax.mapper import flow
+from ddjax.mapper import check, flow, prune
 
 
 def unit_codebook(rng: np.random.Generator, k: int, d: int = 8) -> np.ndarray:
@@ -213,3 +216,143 @@ def test_support_pruning_is_exact_under_top_k():
     full = flow.map_token(noise, log_p, c, flow.FlowSettings(support_k=None))
     pruned = flow.map_token(noise, log_p, c, flow.FlowSettings(support_k=512))
     np.testing.assert_array_equal(pruned, full)
+
+
+# --- pruning: exact up to integration error ------------------------------------------------------
+
+
+def clustered_codebook(rng: np.random.Generator, centres: int, per: int, spread: float = 0.02):
+    """centres x per near-duplicate codes (unit centres + spread * N(0, I), L2-normalised)."""
+    c = unit_codebook(rng, centres).astype(np.float64)
+    cb = np.repeat(c, per, axis=0) + spread * rng.normal(size=(centres * per, c.shape[1]))
+    return (cb / np.linalg.norm(cb, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_pruning_never_changes_a_token_on_a_clustered_codebook():
+    # 16 groups of 256 near-duplicate codes, flat p: top-64 pruning at t = 0.1 without a bound
+    # (the earlier behaviour) changed ~20% of these tokens.
+    rng = np.random.default_rng(11)
+    c = clustered_codebook(rng, 16, 256)
+    n = 512
+    log_p = log_softmax(rng.normal(size=(n, c.shape[0]))).astype(np.float32)
+    noise = rng.normal(size=(n, 8)).astype(np.float32)
+    for settings in (flow.FlowSettings(), flow.FlowSettings(num_steps=20, schedule="quadratic")):
+        full = flow.map_token(noise, log_p, c, dataclasses.replace(settings, prune_t=None))
+        np.testing.assert_array_equal(flow.map_token(noise, log_p, c, settings), full)
+        assert np.mean(flow.pruned_at(noise, log_p, c, settings) < settings.num_steps) > 0.5
+
+
+def fine_pruned_flow(x0, t0, t_end, log_p, c, keep, steps=600):
+    """float64 RK4 (log grid) of the flow over the kept codes keep [N, S] from (x0, t0) to t_end;
+    returns the largest log(w_j / W_kept) [N, K] and dropped mass / kept mass [N] on the way."""
+    c = c.astype(np.float64)
+    kept = np.zeros(log_p.shape, bool)
+    np.put_along_axis(kept, keep, True, axis=1)
+    ck, lk = c[keep], np.take_along_axis(log_p, keep, axis=1)  # [N, S, d], [N, S]
+    ts = np.exp(np.linspace(np.log(t0), np.log(t_end), steps + 1))
+
+    def logits(x, t, cb, lp):
+        a = 1 - t
+        dots = np.einsum("nd,nsd->ns", x, cb) if cb.ndim == 3 else x @ cb.T
+        return lp + (2 * a * dots - a * a * np.sum(cb * cb, -1)) / (2 * t * t)
+
+    def log_ratio(x, t):
+        lg, lgk = logits(x, t, c, log_p), logits(x, t, ck, lk)
+        top = lgk.max(-1, keepdims=True)
+        return lg - top - np.log(np.sum(np.exp(lgk - top), -1, keepdims=True))
+
+    def v(x, t):
+        lg = logits(x, t, ck, lk)
+        w = np.exp(lg - lg.max(-1, keepdims=True))
+        return (x - np.einsum("ns,nsd->nd", w, ck) / w.sum(-1, keepdims=True)) / t
+
+    x = x0.astype(np.float64)
+    worst = log_ratio(x, t0)
+    for t, s in zip(ts[:-1], ts[1:]):
+        h = s - t
+        k1 = v(x, t)
+        k2 = v(x + 0.5 * h * k1, t + 0.5 * h)
+        k3 = v(x + 0.5 * h * k2, t + 0.5 * h)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + v(x + h * k3, s))
+        worst = np.maximum(worst, log_ratio(x, s))
+    dropped = np.sum(np.where(kept, 0.0, np.exp(worst)), axis=-1)
+    return worst, dropped
+
+
+@pytest.mark.parametrize("case", ["random", "clustered"])
+def test_prune_bound_dominates_the_true_weights(case):
+    rng = np.random.default_rng(12)
+    c = unit_codebook(rng, 1024) if case == "random" else clustered_codebook(rng, 8, 128)
+    n, t_end = 32, 1e-3
+    log_p = log_softmax(rng.normal(size=(n, c.shape[0])))
+    certified, grouped = 0, 0
+    for t0 in (0.3, 0.1, 0.03):
+        # points at time t0 drawn from the flow's own marginal (1 - t) x_0 + t eps
+        idx = np.array([rng.choice(c.shape[0], p=np.exp(row)) for row in log_p])
+        x0 = (1 - t0) * c[idx] + t0 * rng.normal(size=(n, 8))
+        bound = prune.prune_bound(x0, t0, log_p, c, t_end, prune_k=256, prune_tol=1e-4)
+        keep, claimed = map(np.asarray, prune.keep(bound, 256))
+        ok = np.asarray(bound.certified)
+        worst, dropped = fine_pruned_flow(x0[ok], t0, t_end, log_p[ok], c, keep[ok])
+        # the claimed mass and every code's bound are upper bounds along the whole trajectory
+        assert np.all(dropped <= claimed[ok] * (1 + 1e-3) + 1e-30)
+        assert np.all(claimed[ok] < 1e-4)
+        f = np.asarray(bound.log_ratio)[ok]
+        outside = ~np.asarray(bound.core)[ok] & np.isfinite(f)
+        assert np.all(worst[outside] <= f[outside] + 1e-3)  # the core's mass only adds to W_kept
+        certified += ok.sum()
+        grouped += np.sum(np.asarray(bound.core)[ok].sum(-1) > 1)
+    assert 0 < certified < 3 * n  # not vacuous: rows certified and not (t0 = 0.3 is too early)
+    assert (grouped > 0) == (case == "clustered")  # clustered rows certified with a group core
+
+
+def test_map_token_accepts_leading_dims():
+    rng = np.random.default_rng(13)
+    c = unit_codebook(rng, 200)
+    log_p = log_softmax(2 * rng.normal(size=(3, 5, 200))).astype(np.float32)
+    noise = rng.normal(size=(3, 5, 8)).astype(np.float32)
+    ids = flow.map_token(noise, log_p, c)
+    assert ids.shape == (3, 5)
+    np.testing.assert_array_equal(ids.reshape(-1), flow.map_token(noise.reshape(15, 8),
+                                                                  log_p.reshape(15, 200), c))
+
+
+# --- the pre-write check -------------------------------------------------------------------------
+
+
+def test_check_flow_passes_a_good_setting_and_stops_a_bad_one():
+    rng = np.random.default_rng(14)
+    c = unit_codebook(rng, 512)
+    log_p = log_softmax(3 * rng.normal(size=(128, 512))).astype(np.float32)
+    good = check.check_flow(log_p, c, flow.FlowSettings(), key=jax.random.PRNGKey(3))
+    assert good.agreement >= 0.99 and good.passed and good.num_tokens == 128
+    assert good.reference == check.REFERENCE and good.reference.prune_t is None
+    assert check.require_flow(good) is good
+    assert json.loads(json.dumps(good.to_json()))["agreement"] == good.agreement
+    assert jnp.zeros(1).dtype == jnp.float32  # float64 stayed inside the check
+
+    coarse = flow.FlowSettings(solver="euler", num_steps=2)
+    bad = check.check_flow(log_p, c, coarse, noise=rng.normal(size=(128, 8)), threshold=0.999)
+    assert not bad.passed and bad.agreement < 0.9
+    with pytest.raises(check.FlowCheckError) as err:
+        check.require_flow(bad)
+    assert isinstance(err.value, ValueError)
+    for field in ("config.flow.num_steps", "config.flow.prune_t", "config.flow.solver",
+                  "config.data.flow_check_threshold", f"{100 * bad.agreement:.2f}%", "99.90%"):
+        assert field in str(err.value)
+
+
+def test_reference_matches_exact_two_code_map():
+    # Two codes: the exact map sends eps to code 1 iff eps . u > q, u = (c1 - c0)/|c1 - c0|,
+    # q the p_0-quantile of N(0, 1) (the flow is monotone along u and constant across it).
+    rng = np.random.default_rng(15)
+    c = unit_codebook(rng, 2)
+    p0 = 0.3
+    log_p = np.log(np.broadcast_to([p0, 1 - p0], (400, 2))).astype(np.float32)
+    u = (c[1] - c[0]) / np.linalg.norm(c[1] - c[0])
+    z = rng.normal(size=(400, 8))
+    q = stats.norm.ppf(p0)
+    far = np.abs(z @ u - q) > 1e-3
+    want = (z @ u > q).astype(np.int32)
+    got = check.reference_tokens(z, log_p, c)
+    np.testing.assert_array_equal(got[far], want[far])

@@ -1,24 +1,33 @@
-"""Convergence and cost of the one-token flow map (ddjax.mapper.flow) at LlamaGen's sizes.
+"""Convergence and cost of the one-token flow map (ddjax.mapper.flow) on three codebooks.
 
-    python experiments/flow_solver/measure.py            # the table in README.md
-    python experiments/flow_solver/measure.py --tokens 512 --check-tokens 64   # smoke run
+    python experiments/flow_solver/measure.py                          # the tables in README.md
+    python experiments/flow_solver/measure.py --tokens 256 --check-tokens 32 --quick   # smoke run
 
-Two settings, K = 16384 codes of dimension d = 8 (random, L2-normalised), one random p per token:
-  A  logits ~ N(0, 3^2), full support;
-  B  the same logits with top-k 8000 applied (LlamaGen's sampler setting), the rest -inf.
-Reference for every token: RK4, 64 steps on the quadratic grid down to t_min = 1e-4 (as
-accurate as 1000-step Heun for a quarter of the cost). It is itself checked on a subset against
-1000-step Heun on a linear grid to t_min = 1e-3, and on A also against 2000-step Heun to 1e-4.
-Each candidate runs on all tokens: "agree" is the % of tokens identical to the reference,
-"evals" the velocity evaluations per token (in brackets those over all K codes; after late
-pruning the rest cover prune_k codes), "us/tok" the wall time per token of one compiled run
-(integration + snap, compile excluded; indicative only on a shared machine).
+Codebooks (d = 8, L2-normalised):
+  random     K = 16384 Gaussian codes (as LlamaGen's VQ-16 codebook size);
+  clustered  K = 16384 = 64 centres x 256 near-duplicate codes (centre + 0.02 N(0, I)), the
+             tight groups trained codebooks can have;
+  digits     the shipped digits VQ (ddjax/assets/digits, K = 128), loaded as the pipeline does.
+Distributions (one p per token):
+  full   logits ~ N(0, 3^2), full support;
+  flat   logits ~ N(0, 1), full support (the posterior stays spread longer);
+  top-k  the full logits with top-k applied (8000 for K = 16384 as LlamaGen's sampler, 32 as
+         the digits teacher's), the rest -inf.
+Reference for every token: `ddjax.mapper.check.REFERENCE` (RK4, 128 cubic steps to t_min = 1e-4,
+no pruning, float64). It is itself checked on a subset against RK4 with 256 cubic steps (float64).
+Each candidate (float32, chunk = FlowSettings' default) runs on all tokens: "agree" is the % of
+tokens identical to the reference, "K-wide evals" the velocity evaluations over all codes per
+token (with pruning: per chunk of rows, those until the chunk's last row was certified; on the
+first 1024 tokens),
+"bounds" the pruning-bound evaluations per token, "us/tok" the wall time per token of one
+compiled run (integration + snap, compile excluded; indicative only on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -27,147 +36,167 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from ddjax.mapper.flow import FlowSettings, map_token, time_grid  # noqa: E402
+from ddjax.run import load_vq, vq_codebook  # noqa: E402
 
-K, D, TOP_K = 16384, 8, 8000
-# Every configuration below is spelled out from this base, whatever FlowSettings' defaults are.
-BASE = FlowSettings(t_min=1e-3, support_k=None, prune_t=None, chunk=64)
-# The reference for all tokens; on a subset it is checked against the two fine Heun solutions.
-REFERENCE = dataclasses.replace(BASE, solver="rk4", num_steps=64, t_min=1e-4, schedule="quadratic")
-CHECKS = (
-    dataclasses.replace(BASE, solver="heun", num_steps=1000, schedule="linear"),
-    dataclasses.replace(BASE, solver="heun", num_steps=2000, t_min=1e-4, schedule="linear"),
-)
+from ddjax.configs_path import load_config  # noqa: E402
+from ddjax.mapper.check import REFERENCE, reference_tokens  # noqa: E402
+from ddjax.mapper.flow import FlowSettings, map_token, pruned_at, time_grid  # noqa: E402
+
+K, D = 16384, 8
+CODEBOOKS = ("random", "clustered", "digits")
+DISTRIBUTIONS = ("full", "flat", "top-k")
+COST_TOKENS = 1024
+REFERENCE_CHECK = dataclasses.replace(REFERENCE, num_steps=256)
+DEFAULT = FlowSettings()
+# Every candidate is spelled out from this base, whatever FlowSettings' defaults are.
+BASE = FlowSettings(solver="rk4", t_min=1e-3, support_k=None, prune_t=None, prune_k=512,
+                    prune_tol=1e-6, chunk=DEFAULT.chunk)
 
 
-def make_problem(tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
+def codebook(name: str, seed: int = 0) -> np.ndarray:
+    """[K, d] float32 L2-normalised codes."""
     rng = np.random.default_rng(seed)
-    codebook = rng.standard_normal((K, D), dtype=np.float32)
-    codebook /= np.linalg.norm(codebook, axis=1, keepdims=True)
-    logits = 3.0 * rng.standard_normal((tokens, K), dtype=np.float32)
-    noise = rng.standard_normal((tokens, D), dtype=np.float32)
-    log_p = logits - logits.max(axis=1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
-    # top-k 8000: keep the 8000 largest logits of each row, renormalise
-    cut = np.partition(logits, K - TOP_K, axis=1)[:, K - TOP_K][:, None]
-    top = np.where(logits >= cut, logits, -np.inf).astype(np.float32)
-    top -= top.max(axis=1, keepdims=True)
-    top -= np.log(np.exp(top).sum(axis=1, keepdims=True))
-    return {"codebook": codebook, "noise": noise, "A": log_p, "B": top}
+    if name == "digits":
+        config = load_config("llamagen", "digits")
+        return np.asarray(vq_codebook(*reversed(load_vq(config))), np.float32)
+    if name == "random":
+        c = rng.standard_normal((K, D))
+    elif name == "clustered":
+        centres = rng.standard_normal((64, D))
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        c = np.repeat(centres, K // 64, axis=0) + 0.02 * rng.standard_normal((K, D))
+    else:
+        raise ValueError(name)
+    return (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
 
 
-def evals_per_token(s: FlowSettings) -> tuple[int, int]:
-    """(velocity evaluations, of which over all K codes) per token; late pruning makes the rest
-    prune_k wide."""
-    per_step = {"euler": 1, "heun": 2, "rk4": 4}[s.solver]
-    total = s.num_steps * per_step - (per_step - 1 if s.t_min == 0 else 0)
-    if s.prune_t is None:
-        return total, total
-    ts = time_grid(s.num_steps, s.t_min, s.schedule)
-    return total, int(np.argmax(ts[:-1] <= s.prune_t)) * per_step
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).astype(np.float32)
 
 
-def run(s: FlowSettings, noise, log_p, codebook) -> tuple[np.ndarray, float]:
+def distribution(name: str, tokens: int, k: int, seed: int = 1) -> np.ndarray:
+    """[tokens, k] log-probabilities."""
+    rng = np.random.default_rng(seed)
+    logits = (1.0 if name == "flat" else 3.0) * rng.standard_normal((tokens, k))
+    if name == "top-k":
+        top = 8000 if k > 1000 else 32
+        cut = np.partition(logits, k - top, axis=1)[:, k - top][:, None]
+        logits = np.where(logits >= cut, logits, -np.inf)
+    return log_softmax(logits)
+
+
+def cached_references(
+    directory: str, name: str, noise: np.ndarray, log_p: np.ndarray, cb: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference tokens for all rows, and those of REFERENCE_CHECK for the first n rows."""
+    digest = hashlib.sha256(repr((REFERENCE, REFERENCE_CHECK, cb.tobytes())).encode()).hexdigest()[:12]
+    key = f"{name}-{len(noise)}-{n}-{digest}.npz"
+    path = os.path.join(directory, key) if directory else ""
+    if path and os.path.exists(path):
+        with np.load(path) as f:
+            return f["ref"], f["check"]
+    ref = reference_tokens(noise, log_p, cb, REFERENCE)
+    check = reference_tokens(noise[:n], log_p[:n], cb, REFERENCE_CHECK)
+    if path:
+        os.makedirs(directory, exist_ok=True)
+        np.savez(path, ref=ref, check=check)
+    return ref, check
+
+
+def candidates(quick: bool) -> list[FlowSettings]:
+    def rk4(steps: int, schedule: str = "cubic", **kw) -> FlowSettings:
+        return dataclasses.replace(BASE, num_steps=steps, schedule=schedule, **kw)
+
+    if quick:
+        return [rk4(20, "quadratic"), DEFAULT]
+    out = [rk4(20, "quadratic"), rk4(32, "quadratic"), rk4(24), rk4(28), rk4(32), rk4(40),
+           rk4(32, "log"), dataclasses.replace(BASE, solver="heun", num_steps=64)]
+    out += [rk4(20, "quadratic", prune_t=0.1, prune_k=64), rk4(32, prune_t=0.1, prune_k=64),
+            rk4(28, prune_t=0.1), rk4(32, prune_t=0.1), rk4(32, prune_t=0.2), rk4(40, prune_t=0.1)]
+    if DEFAULT not in out:
+        out.append(DEFAULT)
+    return out
+
+
+def run(s: FlowSettings, noise, log_p, cb) -> tuple[np.ndarray, float]:
     """Tokens and seconds per token of one compiled run (compile time excluded)."""
-    fn = jax.jit(lambda e, lp, cb: map_token(e, lp, cb, s)).lower(noise, log_p, codebook)
-    fn = fn.compile()
+    fn = jax.jit(lambda e, lp, c: map_token(e, lp, c, s)).lower(noise, log_p, cb).compile()
     start = time.perf_counter()
-    ids = np.asarray(jax.block_until_ready(fn(noise, log_p, codebook)))
+    ids = np.asarray(jax.block_until_ready(fn(noise, log_p, cb)))
     return ids, (time.perf_counter() - start) / noise.shape[0]
 
 
+def cost(s: FlowSettings, noise, log_p, cb) -> tuple[float, float]:
+    """(K-wide velocity evaluations, pruning-bound evaluations) per token.
+
+    A chunk of rows runs the full-width step until its last row is certified; each of those
+    steps from the first time <= prune_t on also evaluates the bound (about 2 K-wide passes).
+    Measured on the first COST_TOKENS tokens (pruned_at integrates again)."""
+    per_step = {"euler": 1, "heun": 2, "rk4": 4}[s.solver]
+    if s.prune_t is None or s.prune_k >= cb.shape[0]:  # pruning off (or nothing to drop)
+        return float(s.num_steps * per_step), 0.0
+    at = np.asarray(jax.jit(lambda e, lp, c: pruned_at(e, lp, c, s))(noise, log_p, cb))
+    chunk = s.chunk or len(at)
+    pad = -len(at) % chunk
+    full = np.concatenate([at, np.full(pad, at.min())]).reshape(-1, chunk).max(axis=1)
+    ts = time_grid(s.num_steps, s.t_min, s.schedule)
+    first = int(np.argmax(ts[:-1] <= s.prune_t))
+    attempts = np.minimum(full, s.num_steps - 1) - first + 1
+    return float(np.mean(full) * per_step), float(np.mean(attempts))
+
+
 def describe(s: FlowSettings) -> str:
-    text = f"{s.solver:5s} {s.num_steps:4d} {s.schedule:9s} t_min={s.t_min:g}"
-    if s.support_k is not None:
-        text += f" support_k={s.support_k}"
+    text = f"{s.solver} {s.num_steps} {s.schedule}"
     if s.prune_t is not None:
-        text += f" prune_t={s.prune_t:g},k={s.prune_k}"
-    return text
-
-
-def candidates(setting: str) -> list[FlowSettings]:
-    out = []
-
-    def add(solver: str, steps: int, schedule: str = "quadratic", **kw) -> None:
-        s = dataclasses.replace(BASE, solver=solver, num_steps=steps, schedule=schedule, **kw)
-        out.append(s)
-
-    if setting == "A":  # the solver sweep
-        add("euler", 100, "linear")
-        add("heun", 25, "linear")
-        add("heun", 32)
-        add("rk4", 16, "linear")
-        for steps in (12, 16, 20, 24):
-            add("rk4", steps)
-        # top-k by p without top-k sampling drops real mass (~1% beyond the top 4096 here)
-        add("rk4", 20, support_k=4096)
-        prunes = ((0.1, 64), (0.2, 256), (0.3, 256))
-    else:
-        for steps in (20, 24):
-            add("rk4", steps)
-        # exact here (8000 finite entries per row), but per-row codebooks cost more than they save
-        add("rk4", 20, support_k=TOP_K)
-        prunes = ((0.1, 64), (0.2, 256))
-    # late pruning to the codes with the largest posterior weight
-    for prune_t, prune_k in prunes:
-        add("rk4", 20, prune_t=prune_t, prune_k=prune_k)
-    return out
+        text += f", prune_t={s.prune_t:g} prune_k={s.prune_k} tol={s.prune_tol:g}"
+    return text + (" **(default)**" if s == DEFAULT else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens per setting")
-    parser.add_argument(
-        "--check-tokens", type=int, default=256, help="subset for the reference's own check"
-    )
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per case")
+    parser.add_argument("--check-tokens", type=int, default=256,
+                        help="subset for the reference's own check")
+    parser.add_argument("--codebooks", default=",".join(CODEBOOKS))
+    parser.add_argument("--distributions", default=",".join(DISTRIBUTIONS))
+    parser.add_argument("--quick", action="store_true", help="two candidates only")
+    parser.add_argument("--reference-cache", default="",
+                        help="directory to keep the reference tokens in between runs")
     args = parser.parse_args()
-    t_start = time.perf_counter()
-    prob = make_problem(args.tokens)
-    cb, noise = prob["codebook"], prob["noise"]
-    print(f"K={K} d={D} tokens={args.tokens} devices={jax.devices()} cpus={os.cpu_count()}")
+    t_start, c_start = time.perf_counter(), time.process_time()
+    print(f"tokens={args.tokens} devices={jax.devices()} cpus={os.cpu_count()} "
+          f"load average={os.getloadavg()}")
+    print(f"default: {DEFAULT}")
     rows = []
-    for setting in ("A", "B"):
-        log_p = prob[setting]
-        ref, ref_time = run(REFERENCE, noise, log_p, cb)
-        print(f"[{setting}] reference {describe(REFERENCE)}: {ref_time * 1e6:.0f} us/tok", flush=True)
-        # the reference's own check: both fine Heun solutions on A, the 1000-step one on B
-        n = args.check_tokens
-        for check in CHECKS if setting == "A" else CHECKS[:1]:
-            ids, _ = run(check, noise[:n], log_p[:n], cb)
-            print(f"    vs {describe(check)} on {n} tokens: {100.0 * np.mean(ids == ref[:n]):.2f}%")
-        for s in candidates(setting):
-            ids, sec = run(s, noise, log_p, cb)
-            rows.append((setting, s, 100.0 * np.mean(ids == ref), sec))
-            print(f"  {setting}  {describe(s):58s} {rows[-1][2]:7.2f}%  {sec * 1e6:7.0f} us/tok",
-                  flush=True)
-    # Late pruning on flatter p, where the posterior stays broad for longer: pruned vs unpruned.
-    print("\nlate pruning on flatter p (logits ~ N(0, sigma^2)), RK4 20 quadratic:")
-    n = min(args.tokens, 2048)
-    for sigma in (0.0, 1.0):
-        log_p = sigma * np.random.default_rng(1).standard_normal((n, K), dtype=np.float32)
-        base = dataclasses.replace(BASE, solver="rk4", num_steps=20)
-        full, _ = run(base, noise[:n], log_p, cb)
-        for prune_t, prune_k in ((0.1, 64), (0.2, 256)):
-            ids, _ = run(dataclasses.replace(base, prune_t=prune_t, prune_k=prune_k), noise[:n],
-                         log_p, cb)
-            agree = 100.0 * np.mean(ids == full)
-            print(f"  sigma={sigma:g} prune_t={prune_t:g} prune_k={prune_k}: {agree:.2f}% "
-                  f"of {n} tokens as without pruning")
+    noise = np.random.default_rng(2).standard_normal((args.tokens, D)).astype(np.float32)
+    for cb_name in args.codebooks.split(","):
+        cb = codebook(cb_name)
+        for dist in args.distributions.split(","):
+            log_p = distribution(dist, args.tokens, cb.shape[0])
+            case = f"{cb_name} K={cb.shape[0]} / {dist}"
+            t0 = time.perf_counter()
+            n = args.check_tokens
+            ref, check = cached_references(args.reference_cache, f"{cb_name}-{dist}", noise, log_p,
+                                           cb, n)
+            print(f"[{case}] reference {time.perf_counter() - t0:.0f} s; vs 256 steps on {n} "
+                  f"tokens: {100 * np.mean(check == ref[:n]):.2f}%", flush=True)
+            for s in candidates(args.quick):
+                ids, sec = run(s, noise, log_p, cb)
+                m = min(COST_TOKENS, len(noise))
+                wide, bounds = cost(s, noise[:m], log_p[:m], cb)
+                agree = 100.0 * np.mean(ids == ref)
+                rows.append((case, s, agree, int(np.sum(ids != ref)), wide, bounds, sec))
+                print(f"  {describe(s):60s} {agree:7.2f}% ({rows[-1][3]} differ) "
+                      f"K-wide {wide:5.1f} bounds {bounds:4.1f} {sec * 1e6:6.0f} us/tok", flush=True)
     print()
-    print("| setting | solver | steps | schedule | pruning | evals (K-wide) | agree % | us/tok |")
-    print("|---|---|---|---|---|---|---|---|")
-    for setting, s, agree, sec in rows:
-        total, wide = evals_per_token(s)
-        pruning = []
-        if s.support_k is not None:
-            pruning.append(f"support_k={s.support_k}")
-        if s.prune_t is not None:
-            pruning.append(f"prune_t={s.prune_t:g}, prune_k={s.prune_k}")
-        print(
-            f"| {setting} | {s.solver} | {s.num_steps} | {s.schedule} | "
-            f"{'; '.join(pruning) or '-'} | {total} ({wide}) | {agree:.2f} | {sec * 1e6:.0f} |"
-        )
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+    print("| case | candidate | agree % (differ) | K-wide evals | bounds | us/tok |")
+    print("|---|---|---|---|---|---|")
+    for case, s, agree, bad, wide, bounds, sec in rows:
+        print(f"| {case} | {describe(s)} | {agree:.2f} ({bad}) | {wide:.1f} | {bounds:.1f} | "
+              f"{sec * 1e6:.0f} |")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s wall, {time.process_time() - c_start:.0f} s "
+          f"CPU; load average at the end {os.getloadavg()}")
 
 
 if __name__ == "__main__":
