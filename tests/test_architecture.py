@@ -132,3 +132,10 @@ def test_only_the_entry_layer_reads_the_config():
                     and node.value.id == "config" and node.attr in CONFIG_BLOCKS):
                 bad.append(f"{path}:{node.lineno}: config.{node.attr}")
     assert not bad, "\n".join(bad)
+
+
+def test_every_package_folder_is_installed():
+    """setup.py's find_packages only installs folders with an __init__.py."""
+    missing = [d for d, _, files in os.walk(PACKAGE)
+               if any(f.endswith(".py") for f in files) and "__init__.py" not in files]
+    assert not missing, missing
