@@ -40,13 +40,16 @@ def test_small_demo_pipeline_writes_the_report_and_beats_the_baseline(tmp_path):
     assert "uint8 PNG quantisation" in results["teacher"]["protocol"]
     assert results["DD 1-step"]["steps"] == 1 and results["teacher"]["steps"] == 64
     # The paper's shape where this short run (400 steps, 200 images) shows it with a wide margin.
-    # One run (experiments/digits_demo/README.md): FID teacher 14.5, DD 1-step 24.3, 2-step 23.5,
-    # teacher-involved 20.1, onestep* 39.8; token agreement 0.188, 0.187, 0.176 and 0.071. (2-step
-    # against 1-step, 3.6% apart here, is left to the report's checks.)
+    # One run (CI's, this commit): FID teacher 13.0, its flow map 14.5, DD 1-step 23.8, 2-step
+    # 23.3, onestep* 39.6. (2-step against 1-step, a few percent apart here, is left to the
+    # report's checks.)
     fid = {k: v["fid"] for k, v in results.items()}
     agree = {k: v["token_agreement"] for k, v in results.items()}
-    # The teacher is the best sampler by a wide margin (next best 39% worse).
-    assert fid["teacher"] < 0.8 * min(v for k, v in fid.items() if k != "teacher"), fid
+    # The teacher (ancestral, and its flow map of the same noise) is the best sampler by a wide
+    # margin (the next best 39% worse).
+    teachers = ("teacher", "teacher (flow map)")
+    others = min(v for k, v in fid.items() if k not in teachers)
+    assert max(fid[k] for k in teachers) < 0.8 * others, fid
     # DD 1-step within the paper's 3x of the teacher's FID (1.7x here).
     assert fid["DD 1-step"] <= 3 * fid["teacher"], fid
     # Every distilled sampler beats the best sampler that ignores token dependencies: closer to
