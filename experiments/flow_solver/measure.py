@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from ddjax.run import load_vq, vq_codebook  # noqa: E402
+from ddjax.app.build import build_teacher  # noqa: E402
 
 from ddjax.configs_path import load_config  # noqa: E402
 from ddjax.mapper.check import REFERENCE, reference_tokens  # noqa: E402
@@ -58,7 +58,7 @@ def codebook(name: str, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if name == "digits":
         config = load_config("llamagen", "digits")
-        return np.asarray(vq_codebook(*reversed(load_vq(config))), np.float32)
+        return np.asarray(build_teacher(config).codebook, np.float32)
     if name == "random":
         c = rng.standard_normal((K, D))
     elif name == "clustered":
