@@ -37,7 +37,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from ddjax.app.build import build_teacher  # noqa: E402
-
 from ddjax.configs_path import load_config  # noqa: E402
 from ddjax.mapper.check import REFERENCE, reference_tokens  # noqa: E402
 from ddjax.mapper.flow import FlowSettings, map_token, pruned_at, time_grid  # noqa: E402
