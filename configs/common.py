@@ -27,6 +27,19 @@ DIGITS_IMAGE_SIZE = 32
 DIGITS_SAMPLING = {"cfg_scale": 1.5, "cfg_interval": -1, "temperature": 1.0, "top_k": 32,
                    "top_p": 1.0, "greedy": False}
 
+# The embedded VAR teacher (ddjax/assets/var_digits; configs/var.py, preset digits): VAR-d4 at
+# width 128 over a VAR VQVAE with 4x downsampling, 32 px -> an 8x8 f quantised over 6 scales.
+VAR_DIGITS_ASSETS = "ddjax:assets/var_digits"
+VAR_DIGITS_PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # 130 tokens
+VAR_DIGITS_DEPTH = 4
+VAR_DIGITS_MODEL = {"embed_dim": 128, "num_heads": 4, "num_classes": 10, "vocab_size": 256,
+                    "cvae": 16, "patch_nums": VAR_DIGITS_PATCH_NUMS, "cond_drop_rate": 0.1,
+                    "drop_path_rate": 0.0}
+VAR_DIGITS_VAE = {"vocab_size": 256, "z_channels": 16, "ch": 32, "ch_mult": (1, 1, 2),
+                  "num_res_blocks": 1, "using_sa": True, "using_mid_sa": True, "quant_resi": 0.5,
+                  "share_quant_resi": 4, "patch_nums": VAR_DIGITS_PATCH_NUMS}
+VAR_DIGITS_SAMPLING = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "greedy": False}
+
 # ddjax.mapper.flow.FlowSettings' measured defaults (experiments/flow_solver; checked equal by
 # tests/test_configs.py).
 FLOW_DEFAULTS = {"solver": "rk4", "num_steps": 32, "t_min": 1e-3, "schedule": "cubic",
@@ -82,3 +95,71 @@ def vq_block(variant: str, checkpoint: str, model: dict[str, Any], image_size: i
     return mlc.ConfigDict({"variant": variant, "checkpoint": checkpoint, "weights_key": _none(str),
                            "random_init": False, "dtype": "float32", "model": model_block(model),
                            "image_size": image_size})
+
+
+def pipeline_blocks() -> mlc.ConfigDict:
+    """The DD pipeline's blocks (flow, data, dd, student, eval, train) at their defaults:
+    one definition for every teacher family's config (a preset then overrides them)."""
+    c = mlc.ConfigDict()
+    # The flow-matching map (one token): see experiments/flow_solver/README.md for the defaults.
+    c.flow = mlc.ConfigDict(dict(FLOW_DEFAULTS))
+
+    # The noise -> token pair dataset (mode=generate).
+    c.data = mlc.ConfigDict()
+    c.data.dir = ""  # "" = WORKDIR/pairs
+    c.data.num_pairs = 100_000
+    c.data.shard_size = 1024
+    c.data.batch_size = 32  # pairs mapped per compiled call (multiple of the batch shards)
+    c.data.label_policy = "balanced"  # or "uniform"
+    c.data.seed = 0
+    c.data.verify_existing = True  # checksum finished shards when resuming
+    c.data.flow_check_tokens = 256  # before writing: teacher tokens mapped by flow and a reference
+    c.data.flow_check_threshold = 0.999  # ... and the agreement below which the run stops
+
+    # DD (student) sampling: t_list steps; positions < split_t snap to codes, the rest stay
+    # continuous. Teacher-involved sampling: the teacher samples from teacher_start to t_list[1]
+    # (-1 = off), then a student step with teacher_split_t (-1 = the official value for
+    # teacher_start: 180 for 60 and 40, 220 for 0).
+    c.dd = mlc.ConfigDict({"t_list": (0, 80), "split_t": 80, "teacher_start": 60,
+                           "teacher_split_t": -1, "num_images": 16, "batch_size": 8})
+    c.student = mlc.ConfigDict()
+    c.student.checkpoint = ""  # "" = the latest training checkpoint in WORKDIR/student
+    c.student.init_from_teacher = True
+
+    # --- evaluation (mode=evaluate; mode=all runs generate, train, evaluate) --------------
+    c.eval = mlc.ConfigDict()
+    c.eval.num_samples = 1000  # images per method, on the same noise and labels
+    c.eval.batch_size = 100
+    c.eval.seed = 1234
+    c.eval.extractor = "inception"  # or "digits" (the demo's classifier features)
+    c.eval.extractor_weights = ""  # pytorch-fid Inception .pth/.npz; digits classifier .npz
+    c.eval.reference = ""  # FID reference: stats .npz (mu, sigma), tfds:NAME/SPLIT or "digits"
+    c.eval.tfds_data_dir = ""  # data_dir of a tfds: reference ("" = TFDS's default); no download
+    c.eval.grid_size = 64  # images per PNG grid
+
+    # --- training (mode=train) -------------------------------------------------------------
+    c.train = mlc.ConfigDict()
+    c.train.t_list = (0, 80)  # timesteps t the student is trained at
+    c.train.t_weights = (1.0, 1.0)  # sampling weights of t_list
+    c.train.batch_size = 32  # global
+    c.train.num_steps = 10_000
+    c.train.lr = 1e-4
+    c.train.warmup_steps = 500
+    c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+    c.train.weight_decay = 0.05
+    c.train.b1, c.train.b2 = 0.9, 0.95
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.9999
+    c.train.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
+    c.train.ce_weight = 1.0  # cross-entropy on the logits head
+    c.train.cont_weight = 1.0  # continuous head loss
+    c.train.cont_loss = "mse"  # "mse" to the target codes, or "lpips" on VQ-decoded images
+    c.train.lpips_weights = ""  # cont_loss="lpips": torchvision VGG16 weights (.pth/.safetensors/.npz)
+    c.train.lpips_lin_weights = ""  # LPIPS linear layers; "" = the installed lpips package's
+    c.train.compute_dtype = "float32"  # or "bfloat16"
+    c.train.sharding = "data"  # "data" (replicated params) or "fsdp"
+    c.train.log_every = 50
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.shuffle_window = 16  # shards shuffled together
+    return c

@@ -106,67 +106,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.sampling.num_images = 16
     c.sampling.labels = _none(str)  # e.g. "207,360,387"; None = random classes
 
-    # The flow-matching map (one token): see experiments/flow_solver/README.md for the defaults.
-    c.flow = mlc.ConfigDict(dict(common.FLOW_DEFAULTS))
-
-    # The noise -> token pair dataset (mode=generate).
-    c.data = mlc.ConfigDict()
-    c.data.dir = ""  # "" = WORKDIR/pairs
-    c.data.num_pairs = 100_000
-    c.data.shard_size = 1024
-    c.data.batch_size = 32  # pairs mapped per compiled call (multiple of the batch shards)
-    c.data.label_policy = "balanced"  # or "uniform"
-    c.data.seed = 0
-    c.data.verify_existing = True  # checksum finished shards when resuming
-    c.data.flow_check_tokens = 256  # before writing: teacher tokens mapped by flow and a reference
-    c.data.flow_check_threshold = 0.999  # ... and the agreement below which the run stops
-
-    # DD (student) sampling: t_list steps; positions < split_t snap to codes, the rest stay
-    # continuous. Teacher-involved sampling: the teacher samples from teacher_start to t_list[1]
-    # (-1 = off), then a student step with teacher_split_t (-1 = the official value for
-    # teacher_start: 180 for 60 and 40, 220 for 0).
-    c.dd = mlc.ConfigDict({"t_list": (0, 80), "split_t": 80, "teacher_start": 60,
-                           "teacher_split_t": -1, "num_images": 16, "batch_size": 8})
-    c.student = mlc.ConfigDict()
-    c.student.checkpoint = ""  # "" = the latest training checkpoint in WORKDIR/student
-    c.student.init_from_teacher = True
-
-    # --- evaluation (mode=evaluate; mode=all runs generate, train, evaluate) --------------
-    c.eval = mlc.ConfigDict()
-    c.eval.num_samples = 1000  # images per method, on the same noise and labels
-    c.eval.batch_size = 100
-    c.eval.seed = 1234
-    c.eval.extractor = "inception"  # or "digits" (the demo's classifier features)
-    c.eval.extractor_weights = ""  # pytorch-fid Inception .pth/.npz; digits classifier .npz
-    c.eval.reference = ""  # FID reference: stats .npz (mu, sigma), tfds:NAME/SPLIT or "digits"
-    c.eval.tfds_data_dir = ""  # data_dir of a tfds: reference ("" = TFDS's default); no download
-    c.eval.grid_size = 64  # images per PNG grid
-
-    # --- training (mode=train) -------------------------------------------------------------
-    c.train = mlc.ConfigDict()
-    c.train.t_list = (0, 80)  # timesteps t the student is trained at
-    c.train.t_weights = (1.0, 1.0)  # sampling weights of t_list
-    c.train.batch_size = 32  # global
-    c.train.num_steps = 10_000
-    c.train.lr = 1e-4
-    c.train.warmup_steps = 500
-    c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
-    c.train.weight_decay = 0.05
-    c.train.b1, c.train.b2 = 0.9, 0.95
-    c.train.grad_clip = 1.0
-    c.train.ema_decay = 0.9999
-    c.train.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
-    c.train.ce_weight = 1.0  # cross-entropy on the logits head
-    c.train.cont_weight = 1.0  # continuous head loss
-    c.train.cont_loss = "mse"  # "mse" to the target codes, or "lpips" on VQ-decoded images
-    c.train.lpips_weights = ""  # cont_loss="lpips": torchvision VGG16 weights (.pth/.safetensors/.npz)
-    c.train.lpips_lin_weights = ""  # LPIPS linear layers; "" = the installed lpips package's
-    c.train.compute_dtype = "float32"  # or "bfloat16"
-    c.train.sharding = "data"  # "data" (replicated params) or "fsdp"
-    c.train.log_every = 50
-    c.train.checkpoint_every = 1000
-    c.train.keep_checkpoints = 3
-    c.train.shuffle_window = 16  # shards shuffled together
+    c.update(common.pipeline_blocks())
 
     preset = a["preset"]
     if preset == "digits":

@@ -10,10 +10,11 @@ import os
 import digits
 import llamagen
 import pytest
+import var
 from conftest import ROOT
 
 from ddjax.app import ALL_MODES, read_settings, run
-from ddjax.app.build import gpt_config, vq_config
+from ddjax.app.build import gpt_config, vae_config, var_config, vq_config
 from ddjax.mapper.flow import FlowSettings
 from ddjax.utils.paths import resolve_path
 
@@ -41,6 +42,23 @@ def test_digits_config_builds(arg):
     read_settings(config)
     gpt_config(config), vq_config(config)
     assert "export_dir" in config and "digits" in config
+
+
+@pytest.mark.parametrize("arg", ["digits", "tiny", "d16", "d20", "d24", "d30", "digits,mode=info",
+                                 "digits,mode=train_vae", "digits,mode=train_var", "tiny,mode=evaluate_var"])
+def test_var_config_builds(arg):
+    config = var.get_config(arg)
+    read_settings(config)
+    cfg, vcfg = var_config(config), vae_config(config)
+    assert cfg.patch_nums == vcfg.patch_nums and cfg.vocab_size == vcfg.vocab_size
+    assert config.teacher.family == "var" and config.mode in ALL_MODES
+
+
+def test_var_presets_have_the_released_shapes():
+    for depth in (16, 20, 24, 30):  # parameter counts: tests/test_var_model.py
+        cfg = var_config(var.get_config(f"d{depth}"))
+        assert (cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.seq_len) == (depth, 64 * depth, depth, 680)
+    assert vae_config(var.get_config("d16")).image_size == 256
 
 
 def test_official_teacher_split_t_per_teacher_start():
@@ -87,7 +105,7 @@ def test_flow_defaults_are_flow_settings_defaults():
     assert dict(llamagen.get_config("B").flow) == dataclasses.asdict(FlowSettings())
 
 
-@pytest.mark.parametrize("name", ["llamagen.py", "digits.py", "common.py"])
+@pytest.mark.parametrize("name", ["llamagen.py", "digits.py", "var.py", "common.py"])
 def test_configs_are_plain_data(name):
     """No library imports, file reads or sys.path edits inside a config file."""
     tree = ast.parse(open(os.path.join(CONFIG_DIR, name)).read())

@@ -27,6 +27,10 @@ from ddjax.teacher.llamagen import gpt as gpt_lib
 from ddjax.teacher.llamagen import vq as vq_lib
 from ddjax.teacher.llamagen.family import LlamaGenTeacher
 from ddjax.teacher.llamagen.loading import load_gpt, load_vq
+from ddjax.teacher.var import model as var_lib
+from ddjax.teacher.var import vqvae as vqvae_lib
+from ddjax.teacher.var.family import VARTeacher
+from ddjax.teacher.var.loading import load_var, load_vqvae
 from ddjax.utils.paths import resolve_path
 
 
@@ -69,7 +73,25 @@ def build_llamagen(config: Any) -> LlamaGenTeacher:
     return teacher
 
 
-FAMILIES = {"llamagen": build_llamagen}
+def var_config(config: Any) -> var_lib.VARConfig:
+    t = config.teacher
+    return var_lib.var_config(t.depth, dtype=t.dtype, param_dtype=t.param_dtype, **_fields(t.model))
+
+
+def vae_config(config: Any) -> vqvae_lib.VQVAEConfig:
+    return vqvae_lib.vqvae_config(dtype=config.vae.dtype, **_fields(config.vae.model))
+
+
+def build_var(config: Any) -> VARTeacher:
+    cfg, vcfg = var_config(config), vae_config(config)
+    params = _load_or_init(config.teacher, "teacher", load_var, var_lib.init_params, cfg, config.seed)
+    vparams = _load_or_init(config.vae, "vae", load_vqvae, vqvae_lib.init_params, vcfg, config.seed + 1)
+    return VARTeacher(cfg, params, vcfg, vparams, variant=config.teacher.variant,
+                      checkpoint=resolve_path(config.teacher.checkpoint))
+
+
+# config.teacher.family -> the builder of its Teacher
+FAMILIES = {"llamagen": build_llamagen, "var": build_var}
 
 
 def build_teacher(config: Any) -> Teacher:

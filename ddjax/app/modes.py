@@ -22,8 +22,8 @@ from absl import logging
 
 from ddjax import sharding
 from ddjax.app import build
-from ddjax.app.settings import Settings, read_settings
-from ddjax.demo import digits_teacher
+from ddjax.app.settings import DD_FAMILIES, Settings, read_settings
+from ddjax.demo import digits_teacher, var_digits
 from ddjax.evaluate import report as report_lib
 from ddjax.evaluate.methods import FLOW_MAP, ONESTEP, TEACHER, build_methods, marginals
 from ddjax.evaluate.report import eval_inputs, slug
@@ -130,8 +130,8 @@ def _description(run: Run) -> list[str]:
     c, s = run.config, run.settings
     return [f"Teacher `{run.teacher.variant}` ({run.teacher.checkpoint or 'random'}), "
             f"{s.eval.num_samples} samples per method on the same noise and class labels.",
-            f"Teacher sampling: cfg_scale {s.sampling.cfg_scale}, top_k {s.sampling.top_k}, "
-            f"top_p {s.sampling.top_p}, temperature {s.sampling.temperature}; DD t_list "
+            "Teacher sampling: " + ", ".join(f"{f.name} {getattr(s.sampling, f.name)}"
+                                             for f in dataclasses.fields(s.sampling)) + "; DD t_list "
             f"{tuple(s.dd.t_list)}, split_t {s.dd.split_t}, teacher_start {s.dd.teacher_start}"
             + (f", teacher_split_t {s.dd.resolved_teacher_split_t}" if s.dd.teacher_involved else "")
             + f"; student `{c.student.checkpoint or run.workdir}`."]
@@ -198,6 +198,12 @@ def mode_all(run: Run) -> dict:
 DEMO_MODES: dict[str, Callable[[Any, str], Any]] = {
     "train_vq": digits_teacher.train_vq, "train_teacher": digits_teacher.train_teacher,
     "evaluate_vq": digits_teacher.evaluate_vq, "evaluate_teacher": digits_teacher.evaluate_teacher,
+    **var_digits.MODES,  # the embedded VAR teacher's (configs/var.py)
+}
+# demo mode -> the export that copies its workdir's weights and meta.json to config.export_dir
+DEMO_EXPORTS: dict[str, Callable[[str, str], Any]] = {
+    "train_teacher": digits_teacher.export_assets, "evaluate_teacher": digits_teacher.export_assets,
+    "train_var": var_digits.export_assets, "evaluate_var": var_digits.export_assets,
 }
 
 MODES: dict[str, Callable[[Run], Any]] = {
@@ -205,6 +211,7 @@ MODES: dict[str, Callable[[Run], Any]] = {
     "train": mode_train, "sample": mode_sample, "evaluate": mode_evaluate, "all": mode_all,
 }
 ALL_MODES = (*MODES, *DEMO_MODES)
+TEACHER_MODES = ("info", "sample_teacher")  # every family; the others need the DD pipeline
 
 
 def run(config: Any, workdir: str) -> Any:
@@ -217,10 +224,15 @@ def run(config: Any, workdir: str) -> Any:
             json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
     if config.mode in DEMO_MODES:
         out = DEMO_MODES[config.mode](config, workdir)
-        if config.get("export_dir") and config.mode in ("train_teacher", "evaluate_teacher"):
-            logging.info("exported %s", digits_teacher.export_assets(workdir, config.export_dir))
+        if config.get("export_dir") and config.mode in DEMO_EXPORTS:
+            logging.info("exported %s", DEMO_EXPORTS[config.mode](workdir, config.export_dir))
         return out
     job = Run(config, read_settings(config), workdir)
-    if config.mode not in ("info", "sample_teacher"):
+    if config.mode not in TEACHER_MODES:
+        family = config.teacher.get("family", "llamagen")
+        if family not in DD_FAMILIES:
+            raise ValueError(f"config.mode={config.mode!r}: DD1 runs on {list(DD_FAMILIES)} teachers, "
+                             f"not on config.teacher.family={family!r}; its modes are "
+                             f"{sorted(TEACHER_MODES)} and the demo's {sorted(DEMO_MODES)}")
         job.check_stage_inputs()
     return MODES[config.mode](job)

@@ -16,8 +16,14 @@ from ddjax.mapper.generate import PairSettings
 from ddjax.student.sampling import DDSettings
 from ddjax.student.train import TrainSettings
 from ddjax.teacher.llamagen.sampling import SamplingSettings
+from ddjax.teacher.var.sampling import VARSamplingSettings
 
 T = TypeVar("T")
+
+# config.teacher.family -> the settings class of its config.sampling block
+SAMPLING = {"llamagen": SamplingSettings, "var": VARSamplingSettings}
+# The families DD1 runs on (pair generation, the student, the report); the others sample only.
+DD_FAMILIES = ("llamagen", "var")
 
 # config.sampling fields that are not SamplingSettings: how mode=sample_teacher runs.
 SAMPLE_TEACHER_FIELDS = ("batch_size", "num_images", "labels")
@@ -44,7 +50,7 @@ def from_block(cls: type[T], block: Any, name: str, *, ignore: tuple[str, ...] =
 class Settings:
     """Every stage's settings, read from one config."""
 
-    sampling: SamplingSettings
+    sampling: SamplingSettings | VARSamplingSettings
     flow: FlowSettings
     data: PairSettings
     dd: DDSettings
@@ -59,12 +65,15 @@ def read_settings(config: Any) -> Settings:
     """All settings of `config`; raises a ValueError naming the first bad field. A config
     without a block (configs/digits.py has no train block) gets that stage's defaults."""
     s = config.sampling
+    family = config.teacher.get("family", "llamagen")
+    if family not in SAMPLING:
+        raise ValueError(f"config.teacher.family={family!r}; available: {sorted(SAMPLING)}")
 
     def block(cls: type[T], name: str) -> T:
         return from_block(cls, config[name], name) if name in config else cls()
 
     out = Settings(
-        sampling=from_block(SamplingSettings, s, "sampling", ignore=SAMPLE_TEACHER_FIELDS),
+        sampling=from_block(SAMPLING[family], s, "sampling", ignore=SAMPLE_TEACHER_FIELDS),
         flow=block(FlowSettings, "flow"),
         data=block(PairSettings, "data"),
         dd=block(DDSettings, "dd"),

@@ -17,6 +17,8 @@ from absl import logging
 from sklearn.svm import SVC
 
 from ddjax.evaluate.digits import digits_images, digits_split
+from ddjax.evaluate.features import get_extractor
+from ddjax.evaluate.fid import fid_from_features
 from ddjax.teacher.llamagen import gpt as gpt_lib
 from ddjax.teacher.llamagen import vq as vq_lib
 from ddjax.utils import optim
@@ -116,6 +118,19 @@ def digits_classifier(seed: int = 0, images: np.ndarray | None = None,
 def classify_digits(clf: Any, images: np.ndarray) -> np.ndarray:
     """Predicted classes [N] of images [N, S, S, 3] in [-1, 1]."""
     return np.asarray(clf.predict(pool_to_8x8(images)), np.int32)
+
+
+def digits_fid(image_size: int) -> tuple[Callable[[np.ndarray], float], str]:
+    """(fid, protocol): fid(images [N, H, W, 3] in [-1, 1]) is the FID against all 1797 digits on
+    the digits classifier's features, the demo's FID protocol."""
+    extractor = get_extractor("digits")
+    ref = extractor(digits_images(size=image_size)[0])
+
+    def fid(images: np.ndarray) -> float:
+        # clamped as LlamaGen clamps decoded samples (and as the demo's report does)
+        return float(fid_from_features(extractor(np.clip(images, -1.0, 1.0)), ref))
+
+    return fid, extractor.protocol
 
 
 # -- logging ------------------------------------------------------------------------------------

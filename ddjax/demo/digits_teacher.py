@@ -43,6 +43,7 @@ from ddjax.demo.common import (
     classify_digits,
     digits_classifier,
     digits_data,
+    digits_fid,
     export_dtype,
     gpt_config_from,
     optimizer,
@@ -58,9 +59,6 @@ from ddjax.demo.digits_vq import (
     evaluate_vq,
     train_vq,
 )
-from ddjax.evaluate.digits import digits_images
-from ddjax.evaluate.features import get_extractor
-from ddjax.evaluate.fid import fid_from_features
 from ddjax.teacher.llamagen import gpt as gpt_lib
 from ddjax.teacher.llamagen import sampling as sampling_lib
 from ddjax.teacher.llamagen import vq as vq_lib
@@ -261,7 +259,7 @@ def evaluate_teacher(config: Any, workdir: str, *, vq_path: str | None = None, p
     svc = digits_classifier()
     pred = classify_digits(svc, images)
     acc = float((pred == labels).mean())
-    fid_of, fid_protocol = _digits_fid(int(config.digits.image_size))
+    fid_of, fid_protocol = digits_fid(int(config.digits.image_size))
     fid = fid_of(images)
     per_class_acc = [round(float((pred[labels == c] == c).mean()), 4) for c in range(gcfg.num_classes)]
     show = np.concatenate([images[labels == c][:10] for c in range(gcfg.num_classes)])
@@ -321,19 +319,6 @@ def evaluate_teacher(config: Any, workdir: str, *, vq_path: str | None = None, p
     logging.info("evaluate_teacher: val NLL %.4f nats/token (train %.4f), sample class accuracy %.3f, "
                  "FID %.2f (%d samples) at %s", val_nll, train_nll, acc, fid, len(labels), settings)
     return out
-
-
-def _digits_fid(image_size: int) -> tuple[Callable[[np.ndarray], float], str]:
-    """(fid, protocol): fid(images [N, H, W, 3] in [-1, 1]) is the FID against all 1797 digits on
-    the digits classifier's features, the demo's FID protocol."""
-    extractor = get_extractor("digits")
-    ref = extractor(digits_images(size=image_size)[0])
-
-    def fid(images: np.ndarray) -> float:
-        # clamped as LlamaGen clamps decoded samples (and as the demo's report does)
-        return float(fid_from_features(extractor(np.clip(images, -1.0, 1.0)), ref))
-
-    return fid, extractor.protocol
 
 
 def _json_default(x: Any) -> Any:
