@@ -1,4 +1,4 @@
-"""CLI: python -m ddjax.convert {to-jax,to-torch} --kind {gpt,vq,dd,var,var_vae} ...
+"""CLI: python -m ddjax.convert {to-jax,to-torch} --kind {gpt,vq,dd,var,var_vae,var_dd} ...
 
 to-jax reads a PyTorch checkpoint (.pt needs torch; .safetensors does not), checks every key
 and shape against the model built from --model and the overrides, and writes an Orbax
@@ -18,6 +18,11 @@ vae_ch160v4096z32.pth; exports are bare state dicts with VAR's buffers (strict=T
 
     python -m ddjax.convert to-jax --kind var --model d16 --input var_d16.pth --output ckpt/var_d16
     python -m ddjax.convert to-jax --kind var_vae --input vae_ch160v4096z32.pth --output ckpt/vae
+VAR-DD students (microsoft/distilled_decoding VAR-DD/var-d16.pth, ...): --kind var_dd with
+--model d16 | d20 | d24 (weights from trainer.ema_parameters, else trainer.var_wo_ddp; to-torch
+writes both, as the official sample.py reads them):
+    python -m ddjax.convert to-jax --kind var_dd --model d16 --input var-d16.pth --output ckpt/var_dd16
+    python -m ddjax.convert to-torch --kind var_dd --input ckpt/var_dd16 --output var-d16.pth
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from ddjax.student import families as student_families
 from ddjax.student import model as dd_model
+from ddjax.student import var_loading as var_dd_loading
+from ddjax.student import var_model as var_dd_model
 from ddjax.student.model import DDConfig, dd_config
 from ddjax.teacher.llamagen import gpt as gpt_lib
 from ddjax.teacher.llamagen import vq as vq_lib
@@ -48,12 +51,14 @@ from ddjax.utils.checkpoint import config_to_dict, load_params, read_meta, save_
 from ddjax.utils.state_dict import check_params, flax_to_torch, torch_to_flax
 from ddjax.utils.torch_io import StateDict, read_state_dict, write_state_dict
 
-KINDS = ("gpt", "vq", "dd", "var", "var_vae")
-VAR_KINDS = ("var", "var_vae")
+KINDS = ("gpt", "vq", "dd", "var", "var_vae", "var_dd")
+VAR_KINDS = ("var", "var_vae", "var_dd")
 # Where `.pt` exports put the weights: LlamaGen's samplers read checkpoint["model"]; the DD
 # evaluation script reads checkpoint["ema"] with --ema and checkpoint["model"] without.
 NEST_UNDER: dict[str, tuple[str, ...]] = {"gpt": ("model",), "vq": ("model",), "dd": ("model", "ema"),
-                                          "var": (), "var_vae": ()}
+                                          "var": (), "var_vae": (),
+                                          # the official VAR-DD sampler reads these two
+                                          "var_dd": ("trainer.ema_parameters", "trainer.var_wo_ddp")}
 # LlamaGen's VectorQuantizer registers a usage counter when codebook_show_usage (the default).
 VQ_USAGE_KEY = "quantize.codebook_used"
 VQ_USAGE_SIZE = 65536
@@ -93,6 +98,8 @@ def build_config(kind: str, model: str | None = None, overrides: dict[str, Any] 
         return var_model.var_config(_var_depth(model), **overrides)
     if kind == "var_vae":
         return var_vqvae.vqvae_config(**overrides)
+    if kind == "var_dd":
+        return var_dd_model.var_dd_config(var_model.var_config(_var_depth(model), **overrides))
     if kind == "vq":
         return vq_config(model or "VQ-16", **overrides)
     if kind == "gpt":
@@ -106,6 +113,8 @@ def config_to_meta(kind: str, config: Any) -> dict[str, Any]:
     _check_kind(kind)
     if kind == "dd":
         return {**config_to_dict(config.gpt), "codebook_dim": int(config.codebook_dim)}
+    if kind == "var_dd":
+        return student_families.VAR.to_json(config)
     return config_to_dict(config)
 
 
@@ -113,6 +122,8 @@ def config_from_meta(kind: str, meta: dict[str, Any]) -> Any:
     """Inverse of `config_to_meta`; `meta` is ddjax.json's content or its `model_config`."""
     _check_kind(kind)
     cfg = dict(meta.get("model_config", meta))
+    if kind == "var_dd":
+        return student_families.VAR.from_json(cfg)
     if isinstance(cfg.get("gpt"), dict):  # a DDConfig stored nested: {"gpt": {...}, "codebook_dim"}
         cfg = {**cfg.pop("gpt"), **cfg}
     cls = {"vq": VQConfig, "var": VARConfig, "var_vae": VQVAEConfig}.get(kind, GPTConfig)
@@ -133,7 +144,8 @@ def init_fn(kind: str):
     """`init_params(config, rng)` for `kind`."""
     _check_kind(kind)
     return {"gpt": gpt_lib.init_params, "vq": vq_lib.init_params, "dd": dd_model.init_params,
-            "var": var_model.init_params, "var_vae": var_vqvae.init_params}[kind]
+            "var": var_model.init_params, "var_vae": var_vqvae.init_params,
+            "var_dd": var_dd_model.init_params}[kind]
 
 
 @functools.lru_cache(maxsize=32)
@@ -158,7 +170,9 @@ def to_state_dict(params: Any, kind: str, *, vq_codebook_used: bool = True,
     if kind in VAR_KINDS:
         if config is None:
             raise ValueError(f"exporting {kind} needs its config (the buffers depend on it)")
-        return (var_loading.var_state_dict if kind == "var" else var_loading.vqvae_state_dict)(params, config)
+        fn = {"var": var_loading.var_state_dict, "var_vae": var_loading.vqvae_state_dict,
+              "var_dd": var_dd_loading.var_dd_state_dict}[kind]
+        return fn(params, config)
     state = flax_to_torch(params)
     if kind == "vq" and vq_codebook_used:
         dtype = state["quantize.embedding.weight"].dtype
@@ -200,8 +214,10 @@ def import_torch(path: str, kind: str, config: Any, weights_key: str | None = No
     `config.param_dtype`. Raises CheckpointError listing every missing, unexpected and
     mis-shaped key.
     """
+    if kind == "var_dd" and weights_key is None:  # trainer.ema_parameters, else var_wo_ddp
+        return var_dd_loading.load_var_dd(path, config)
     if kind in VAR_KINDS:
-        ignore = (*ignore, *(var_loading.VAR_BUFFERS if kind == "var" else var_loading.VQVAE_BUFFERS))
+        ignore = (*ignore, *(var_loading.VQVAE_BUFFERS if kind == "var_vae" else var_loading.VAR_BUFFERS))
     return torch_to_flax(read_state_dict(path, weights_key), abstract_params(kind, config),
                          source=path, ignore=ignore, key_fn=_key_fn(kind))
 

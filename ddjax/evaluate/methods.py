@@ -102,7 +102,7 @@ def build_methods(teacher: Teacher, student: tuple[Any, Any], dd: DDSettings, sa
                 row_keys(involved_key, rows), t_list=t_list, teacher_start=ts, split_t=tsplit,
                 settings=sampling, mesh=mesh)
 
-        methods["teacher-involved"] = Method(steps_of(t_list, ts), involved)
+        methods["teacher-involved"] = Method(steps_of(t_list, ts, teacher.boundaries), involved)
     if marg is not None:
         methods[ONESTEP] = onestep_baseline(marg, teacher.codebook, seed + 2)
     return methods

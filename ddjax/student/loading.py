@@ -13,7 +13,6 @@ Every missing, unexpected or mis-shaped key raises one CheckpointError naming th
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Any
@@ -22,8 +21,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from ddjax.student import model as model_lib
+from ddjax.student.families import config_from_json, family_of_config, student_family
+from ddjax.student.var_loading import load_var_dd
 from ddjax.teacher.base import Teacher
-from ddjax.teacher.llamagen.gpt import GPTConfig
 from ddjax.teacher.llamagen.loading import abstract_params, load_weights
 from ddjax.utils.checkpoint import META_FILE, load_params, read_meta
 
@@ -31,20 +31,14 @@ STUDENT_DIR = "student"
 CKPT_DIR = "checkpoints"
 
 
-def model_config_from_meta(meta: dict) -> model_lib.DDConfig:
-    """DDConfig from ddjax.json's model_config: {"gpt": {...}, "codebook_dim"} or flat."""
-    mc = dict(meta.get("model_config", meta))
-    gpt = dict(mc.pop("gpt")) if isinstance(mc.get("gpt"), dict) else mc
-    codebook_dim = mc.pop("codebook_dim", gpt.pop("codebook_dim", None))
-    if codebook_dim is None:
-        raise ValueError("a DD model_config needs codebook_dim")
-    names = set(GPTConfig.__dataclass_fields__)
-    gpt = {k: (tuple(v) if isinstance(v, list) else v) for k, v in gpt.items() if k in names}
-    return model_lib.DDConfig(GPTConfig(**gpt), int(codebook_dim))
+def model_config_from_meta(meta: dict) -> Any:
+    """The model config from ddjax.json's model_config: a LlamaGen student's DDConfig
+    ({"gpt": {...}, "codebook_dim"} or flat) or a VAR student's VARDDConfig ({"var": {...}})."""
+    return config_from_json(dict(meta.get("model_config", meta)))
 
 
-def _abstract(cfg: model_lib.DDConfig) -> Any:
-    return jax.eval_shape(functools.partial(model_lib.init_params, cfg), jax.random.PRNGKey(0))
+def _abstract(cfg: Any) -> Any:
+    return family_of_config(cfg).abstract_params(cfg)
 
 
 def load_training_run(path: str, step: int | None = None,
@@ -105,5 +99,7 @@ def load_student(path: str, teacher: Teacher | None = None, *, step: int | None 
         return load_training_run(path, step, ema)
     if teacher is None:
         raise ValueError(f"{path}: a released DD file needs the teacher for its shapes")
-    cfg = model_lib.dd_config(teacher.config, teacher.code_dim)
+    cfg = student_family(teacher.family).config_for(teacher)
+    if teacher.family == "var":  # VAR-DD's trainer layout (trainer.ema_parameters, ...)
+        return cfg, load_var_dd(path, cfg, weights_key), {"kind": "dd", "source": path}
     return cfg, load_dd(path, cfg, weights_key), {"kind": "dd", "source": path}

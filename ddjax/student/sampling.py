@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddjax.student.model import DDConfig, DDModel, final_sequence, nearest_code, pass_through, perturb
+from ddjax.student.families import family_of_config
+from ddjax.student.model import final_sequence, nearest_code, pass_through, perturb
 from ddjax.teacher.base import Teacher, row_key_inputs, row_keyed_multinomial
 
 # teacher_start -> split_t of the official teacher-involved runs (LlamaGen-L, t_list 0,80).
@@ -87,12 +88,13 @@ StudentFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, ja
 
 @dataclasses.dataclass(frozen=True)
 class StudentApply:
-    """The DD network for a config: StudentApply(cfg)(params, x_t, labels, t)."""
+    """The DD network for a config of any family (DDConfig, VARDDConfig):
+    StudentApply(cfg)(params, x_t, labels, t)."""
 
-    config: DDConfig
+    config: Any
 
     def __call__(self, params, x_t, labels, t):
-        return DDModel(self.config).apply({"params": params}, x_t, labels, t)
+        return family_of_config(self.config).module(self.config).apply({"params": params}, x_t, labels, t)
 
 
 @functools.partial(jax.jit, static_argnames=("student", "split_t"))
@@ -177,9 +179,13 @@ def _check_t_list(t_list: Sequence[int], length: int) -> None:
         raise ValueError(f"t_list must increase within [0, {length}), got {t_list}")
 
 
-def steps_of(t_list: Sequence[int], teacher_start: int | None = None) -> int:
-    """Network evaluations per image."""
+def steps_of(t_list: Sequence[int], teacher_start: int | None = None,
+             boundaries: Sequence[int] | None = None) -> int:
+    """Network evaluations per image; the teacher's steps between teacher_start and t_list[1]
+    are its step boundaries there (one per token for LlamaGen, one per scale for VAR)."""
     if teacher_start is None:
         return len(t_list)
     t1 = t_list[1]
-    return (1 if teacher_start > 0 else 0) + (t1 - teacher_start) + 1
+    teacher_steps = (t1 - teacher_start if boundaries is None
+                     else sum(teacher_start <= b < t1 for b in boundaries))
+    return (1 if teacher_start > 0 else 0) + teacher_steps + 1

@@ -38,11 +38,13 @@ from ddjax import sharding as sharding_lib
 from ddjax.mapper.pairs import PairDataset
 from ddjax.student import losses
 from ddjax.student import model as model_lib
+from ddjax.student.families import family_of_config, student_family
+from ddjax.student.families import param_count as count_params
 from ddjax.student.loading import CKPT_DIR, STUDENT_DIR
 from ddjax.teacher.base import Teacher
 from ddjax.teacher.llamagen.gpt import GPTConfig, as_dtype
 from ddjax.utils import optim
-from ddjax.utils.checkpoint import META_FILE, config_to_dict
+from ddjax.utils.checkpoint import META_FILE
 from ddjax.utils.metrics import create_writer, import_clu
 
 LOG_DIR = "logs"
@@ -150,20 +152,22 @@ def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding])
     return {k: sharding_lib.put_global(batch[k], sh) for k, sh in shardings.items()}
 
 
-def make_init_fn(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformation):
-    """init(rng, teacher_params | None) -> state {step, params, ema_params, opt_state}."""
+def make_init_fn(model_cfg: Any, tx: optax.GradientTransformation):
+    """init(rng, teacher_params | None) -> state {step, params, ema_params, opt_state}; any
+    family's model config (DDConfig, VARDDConfig)."""
+    fam = family_of_config(model_cfg)
 
     def init(rng, teacher_params):
-        params = model_lib.init_params(model_cfg, rng)
+        params = fam.init_params(model_cfg, rng)
         if teacher_params is not None:
-            params = model_lib.init_from_teacher(params, teacher_params)
+            params = fam.init_from_teacher(params, teacher_params, jax.random.fold_in(rng, 1))
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "ema_params": jax.tree_util.tree_map(jnp.copy, params), "opt_state": tx.init(params)}
 
     return init
 
 
-def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformation,
+def make_train_step(model_cfg: Any, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, tc: TrainSettings, codebook: Any,
                     gather_params: Any = None, image_loss: ImageLoss | None = None):
     """The pure update: train_step(state, batch, rng, loss_weights) -> (state, metrics Collection).
@@ -180,7 +184,7 @@ def make_train_step(model_cfg: model_lib.DDConfig, tx: optax.GradientTransformat
     loss_weights (the LPIPS network and the decoder, frozen) is the step's last argument
     (None without an image loss), so the weights are not constants of the compiled step.
     """
-    model = model_lib.DDModel(model_cfg)
+    model = family_of_config(model_cfg).module(model_cfg)
     codebook = jnp.asarray(codebook, jnp.float32)
     t_list = tuple(int(t) for t in tc.t_list)
     t_values = jnp.asarray(t_list, jnp.int32)
@@ -277,15 +281,24 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract: Any, shardin
     return state
 
 
-def student_meta(model_cfg: model_lib.DDConfig, teacher: Teacher, tc: TrainSettings,
-                 data_dir: str) -> dict:
-    return {"kind": "dd",
-            "model_config": {"gpt": config_to_dict(model_cfg.gpt), "codebook_dim": model_cfg.codebook_dim},
+def student_meta(model_cfg: Any, teacher: Teacher, tc: TrainSettings, data_dir: str) -> dict:
+    fam = family_of_config(model_cfg)
+    return {"kind": "dd", "family": fam.name, "model_config": fam.to_json(model_cfg),
             "checkpoints": CKPT_DIR, "items": list(ARRAY_ITEMS),
             "teacher": {"family": teacher.family, "variant": teacher.variant,
                         "checkpoint": teacher.checkpoint},
             "pairs": os.path.abspath(data_dir),
             "train": tc.to_json()}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _write_meta(student_dir: str, meta: dict) -> None:
@@ -295,11 +308,12 @@ def _write_meta(student_dir: str, meta: dict) -> None:
             old = json.load(f)["model_config"]
         new = meta["model_config"]
         skip = {"dtype", "attention_impl"}  # compute settings may change between runs
-        diff = sorted(k for k in set(old["gpt"]) | set(new["gpt"])
-                      if k not in skip and old["gpt"].get(k) != new["gpt"].get(k))
-        if diff or old.get("codebook_dim") != new["codebook_dim"]:
+        flat_old, flat_new = _flatten(old), _flatten(new)
+        diff = sorted(k for k in set(flat_old) | set(flat_new)
+                      if k.rpartition(".")[2] not in skip and flat_old.get(k) != flat_new.get(k))
+        if diff:
             raise ValueError(f"{student_dir} holds a student of another model (fields differ: "
-                             f"{diff or ['codebook_dim']}); use a new workdir")
+                             f"{diff}); use a new workdir")
     if jax.process_index() == 0:
         with open(path + ".tmp", "w") as f:
             json.dump(meta, f, indent=2)
@@ -351,7 +365,7 @@ def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir:
     data_dir = dataset.directory
     codebook = teacher.codebook
 
-    model_cfg = student_config(teacher.config, teacher.code_dim, tc.compute_dtype)
+    model_cfg = student_family(teacher.family).config_for(teacher, tc.compute_dtype)
     tx, schedule = optim.make_optimizer(tc)
     init_fn = make_init_fn(model_cfg, tx)
     root = jax.random.PRNGKey(seed)
@@ -377,7 +391,7 @@ def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir:
             kw["in_shardings"] = (sharding_lib.replicated(mesh),
                                   state_shardings(weights, mesh, tc.sharding))
         state = jax.jit(init_fn, out_shardings=state_sh, **kw)(init_rng, weights)
-    n_params = model_lib.param_count(abstract["params"])
+    n_params = count_params(abstract["params"])
     logging.info("student: %d parameters, %s sharding over %s, compute %s", n_params, tc.sharding,
                  dict(mesh.shape), tc.compute_dtype)
 

@@ -162,7 +162,8 @@ def row_key_inputs(keys: jax.Array, length: int) -> jax.Array:
 
 def row_keyed_multinomial(key: jax.Array, logp: jax.Array, position: jax.Array,
                           inputs: jax.Array) -> jax.Array:
-    """A TokenRule drawing row b's token at `position` with fold_in(row key b, position).
+    """A TokenRule drawing row b's token at `position` with fold_in(row key b, position) (and,
+    for a step of n tokens, token j with fold_in(that, j)).
 
     logp [B, V] (or [B, n, V]); inputs: the row keys at this step, [B, 2] (or [B, n, 2]).
     """
@@ -171,6 +172,15 @@ def row_keyed_multinomial(key: jax.Array, logp: jax.Array, position: jax.Array,
     def draw(k: jax.Array, lp: jax.Array) -> jax.Array:
         return jax.random.categorical(jax.random.fold_in(k, position), lp, axis=-1)
 
-    flat_lp = logp.reshape(-1, logp.shape[-1])
-    flat_k = inputs.reshape(-1, inputs.shape[-1])
-    return jax.vmap(draw)(flat_k, flat_lp).reshape(logp.shape[:-1]).astype(jnp.int32)
+    if logp.ndim == 2:
+        return jax.vmap(draw)(inputs, logp).astype(jnp.int32)
+    # A whole step of n tokens (next-scale families): token j of the step also folds in j, so
+    # the tokens of one step draw with independent noise.
+    n = logp.shape[1]
+
+    def draw_step(k: jax.Array, lp: jax.Array) -> jax.Array:  # k [n, 2], lp [n, V]
+        keys = jax.vmap(lambda kk, j: jax.random.fold_in(jax.random.fold_in(kk, position), j))(
+            k, jnp.arange(n, dtype=jnp.uint32))
+        return jax.vmap(lambda kk, p: jax.random.categorical(kk, p, axis=-1))(keys, lp)
+
+    return jax.vmap(draw_step)(inputs, logp).astype(jnp.int32)

@@ -74,13 +74,38 @@ def _is_tensor_dict(d: Mapping[str, Any]) -> bool:
     return bool(d) and all(hasattr(v, "shape") for v in d.values())
 
 
+def _unwrap_path(raw: Mapping[str, Any], weights_key: str, source: str) -> Mapping[str, Any]:
+    parts = weights_key.split(".")
+    if not _is_tensor_dict(raw) and parts[0] in raw:  # a nested pickle
+        node: Any = raw
+        for i, part in enumerate(parts):
+            if not isinstance(node, Mapping) or part not in node:
+                where = ".".join(parts[:i]) or "the top level"
+                keys = sorted(node)[:20] if isinstance(node, Mapping) else type(node).__name__
+                raise CheckpointError(f"{source} has no weights under {weights_key!r}: no {part!r} "
+                                      f"in {where} (keys: {keys})")
+            node = node[part]
+        if not isinstance(node, Mapping) or not _is_tensor_dict(node):
+            raise CheckpointError(f"{source}: {weights_key!r} holds no tensors")
+        return node
+    prefix = weights_key + "."
+    flat = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    if not flat:
+        raise CheckpointError(f"{source} has no weights under {weights_key!r}; top-level keys: "
+                              f"{sorted(raw)[:20]}")
+    return flat
+
+
 def unwrap_state_dict(raw: Mapping[str, Any], weights_key: str | None = None,
                       source: str = "checkpoint") -> tuple[Mapping[str, Any], str]:
     """Finds the weights in a checkpoint: under `weights_key`, one of WRAPPER_KEYS, or top level.
 
-    Flat files (safetensors) may carry the nesting as a key prefix ("ema.layers.0...").
+    Flat files (safetensors) may carry the nesting as a key prefix ("ema.layers.0..."). A
+    dotted `weights_key` walks nested dicts ("trainer.ema_parameters", as VAR's trainer saves).
     Returns (state dict, where it was found).
     """
+    if weights_key is not None and "." in weights_key:
+        return _unwrap_path(raw, weights_key, source), weights_key
     if _is_tensor_dict(raw):
         prefixes = {k.split(".", 1)[0] for k in raw}
         if weights_key is not None or (prefixes & set(WRAPPER_KEYS) and prefixes <= set(WRAPPER_KEYS)):
@@ -129,8 +154,8 @@ def read_state_dict(path: str, weights_key: str | None = None) -> StateDict:
 def write_state_dict(path: str, state: StateDict, nest_under: tuple[str, ...] = ("model",)) -> None:
     """Writes {torch key: array} to `.safetensors` (flat, no torch) or `.pt` (nested, needs torch).
 
-    For `.pt` the weights are stored under each key of `nest_under` (e.g. ("model", "ema")) as
-    the official loaders expect; safetensors stores them flat. Written atomically.
+    For `.pt` the weights are stored under each key of `nest_under` (e.g. ("model", "ema"); a
+    dotted key nests deeper) as the official loaders expect; safetensors stores them flat. Written atomically.
     """
     tmp = path + ".tmp"
     if path.endswith(".safetensors"):
@@ -143,7 +168,14 @@ def write_state_dict(path: str, state: StateDict, nest_under: tuple[str, ...] = 
                 tensors[k] = torch.from_numpy(np.asarray(v, np.float32)).to(torch.bfloat16)
             else:
                 tensors[k] = torch.from_numpy(np.array(v, copy=True))  # writable, contiguous
-        torch.save({key: tensors for key in nest_under} if nest_under else tensors, tmp)
+        nested: dict[str, Any] = {}
+        for key in nest_under:  # "trainer.ema_parameters" nests {"trainer": {"ema_parameters": ...}}
+            node = nested
+            *heads, last = key.split(".")
+            for h in heads:
+                node = node.setdefault(h, {})
+            node[last] = tensors
+        torch.save(nested if nest_under else tensors, tmp)
     else:
         raise CheckpointError(f"unknown output format for {path}: use .pt/.pth or .safetensors")
     os.replace(tmp, path)

@@ -97,14 +97,19 @@ class VARTeacher(Teacher):
                rule: TokenRule | None = None, rule_inputs: Any = None,
                prefix_ids: jax.Array | None = None, prefix_len: int = 0,
                num_tokens: int | None = None, mesh: Any = None) -> jax.Array:
-        """rule(key, logp [B, n, V], scale index, inputs [B, n, ...]) draws a whole scale."""
-        if num_tokens not in (None, self.seq_len):
-            raise ValueError(f"VAR samples every scale: num_tokens must be {self.seq_len}, got {num_tokens}")
+        """rule(key, logp [B, n, V], scale index, inputs [B, n, ...]) draws a whole scale.
+        num_tokens (a scale boundary, or seq_len) stops after the scales before it."""
         self.check_timesteps((prefix_len,), "prefix_len")
+        stop = None
+        if num_tokens not in (None, self.seq_len):
+            self.check_timesteps((num_tokens,), "num_tokens")
+            if num_tokens <= prefix_len:
+                raise ValueError(f"num_tokens={num_tokens} must exceed prefix_len={prefix_len}")
+            stop = self.boundaries.index(num_tokens)
         return sampling_lib.sample(self.params, self.config, self.tokenizer_params, self.tokenizer_config,
                                    cond, key, settings, rule=rule, rule_inputs=rule_inputs,
                                    prefix_ids=prefix_ids, prefix_scales=self.boundaries.index(prefix_len),
-                                   mesh=mesh)
+                                   mesh=mesh, stop_scales=stop)
 
     def log_probs(self, tokens: jax.Array, cond: jax.Array,
                   settings: sampling_lib.VARSamplingSettings) -> jax.Array:

@@ -219,9 +219,10 @@ class AdaLNSelfAttn(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array, mask: jax.Array | None = None,
-                 cache: KVCache | None = None, start: int = 0,
-                 train: bool = False) -> tuple[jax.Array, KVCache | None]:
-        """x [B, T, C], cond [B, C] -> ([B, T, C], cache)."""
+                 cache: KVCache | None = None, start: int = 0, train: bool = False,
+                 between: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """x [B, T, C], cond [B, C] -> ([B, T, C], cache). `between` [B, T, C] is added after
+        the attention residual (the DD student's per-layer noise/data embedding)."""
         c = self.config
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         ada = _dense(6 * c.embed_dim, "ada_lin_1", **kw)(nn.silu(cond.astype(c.dtype)))
@@ -234,6 +235,8 @@ class AdaLNSelfAttn(nn.Module):
         attn, cache = SelfAttention(c.embed_dim, c.num_heads, c.attn_l2_norm, attention_impl=c.attention_impl,
                                     name="attn", **kw)(modulate(x, s1, b1), mask, cache, start)
         x = x + self._drop(attn * g1.astype(c.dtype), train)
+        if between is not None:
+            x = x + between.astype(x.dtype)
         ffn = FFN(c.embed_dim, c.mlp_hidden, name="ffn", **kw)(modulate(x, s2, b2))
         return x + self._drop(ffn * g2.astype(c.dtype), train), cache
 

@@ -183,7 +183,7 @@ def _check_configs(var_cfg: VARConfig, vae_cfg: VQVAEConfig) -> None:
 
 def _sample_impl(var_params, vae_params, labels, key, prefix, rule_inputs, *, var_cfg: VARConfig,
                  vae_cfg: VQVAEConfig, settings: VARSamplingSettings, rule: ScaleRule,
-                 prefix_scales: int, mesh: Mesh | None, trace: bool):
+                 prefix_scales: int, mesh: Mesh | None, trace: bool, stop_scales: int | None = None):
     model, vae = VAR(var_cfg), VQVAE(vae_cfg)
     var_apply = functools.partial(model.apply, {"params": var_params})
     vae_apply = functools.partial(vae.apply, {"params": vae_params})
@@ -207,7 +207,8 @@ def _sample_impl(var_params, vae_params, labels, key, prefix, rule_inputs, *, va
     size = vae_cfg.latent_size
     f_hat = jnp.zeros((b, size, size, vae_cfg.z_channels), jnp.float32)
     all_ids, all_logits, all_logp = [], [], []
-    for si in range(s):
+    stop = s if stop_scales is None else stop_scales
+    for si in range(stop):
         start, end = var_cfg.begin_ends[si]
         h, caches = var_apply(x, cond, caches, start, method=VAR.blocks_step)
         if si < prefix_scales:
@@ -228,7 +229,7 @@ def _sample_impl(var_params, vae_params, labels, key, prefix, rule_inputs, *, va
         all_logp.append(logp)
         code_map = vae_apply(ids, method=VQVAE.embed)
         f_hat, nxt = vae_apply(si, f_hat, code_map, method=VQVAE.next_input)
-        if si < s - 1:
+        if si < stop - 1:
             x = var_apply(nxt.reshape(b, -1, vae_cfg.z_channels), si + 1, method=VAR.embed_scale)
             if use_cfg:
                 x = jnp.repeat(x, 2, axis=0)
@@ -239,9 +240,10 @@ def _sample_impl(var_params, vae_params, labels, key, prefix, rule_inputs, *, va
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(var_cfg, vae_cfg, settings, rule, prefix_scales, mesh, trace):
+def _compiled(var_cfg, vae_cfg, settings, rule, prefix_scales, mesh, trace, stop_scales=None):
     fn = functools.partial(_sample_impl, var_cfg=var_cfg, vae_cfg=vae_cfg, settings=settings,
-                           rule=rule, prefix_scales=prefix_scales, mesh=mesh, trace=trace)
+                           rule=rule, prefix_scales=prefix_scales, mesh=mesh, trace=trace,
+                           stop_scales=stop_scales)
     if mesh is None or trace:
         return jax.jit(fn)
     return jax.jit(fn, out_shardings=batch_sharding(mesh, 2))
@@ -262,6 +264,7 @@ def sample(
     prefix_scales: int = 0,
     mesh: Mesh | None = None,
     return_trace: bool = False,
+    stop_scales: int | None = None,
 ) -> jax.Array | SampleTrace:
     """Samples token ids of every scale from VAR in one compiled program.
 
@@ -280,13 +283,18 @@ def sample(
       prefix_scales: static number of given scales (teacher-involved sampling starts there).
       mesh: split the batch over the mesh's batch axes (B must divide evenly).
       return_trace: also return the final f_hat and per-scale guided logits and logp.
+      stop_scales: sample scales < stop_scales only (static; None = all): teacher-involved DD
+        hands the later scales to the student.
     Returns:
-      ids [B, L] int32 (the scales concatenated), or a SampleTrace.
+      ids [B, L] int32 (the scales concatenated; [B, begin of stop_scales] with stop_scales),
+      or a SampleTrace.
     """
     _check_configs(var_cfg, vae_cfg)
     s = var_cfg.num_scales
     if not 0 <= prefix_scales < s:
         raise ValueError(f"prefix_scales must be in [0, {s}), got {prefix_scales}")
+    if stop_scales is not None and not prefix_scales < stop_scales <= s:
+        raise ValueError(f"stop_scales must be in ({prefix_scales}, {s}], got {stop_scales}")
     b = labels.shape[0]
     need = var_cfg.begin_ends[prefix_scales][0]
     if prefix_scales and (prefix_ids is None or prefix_ids.shape[0] != b or prefix_ids.shape[1] < need):
@@ -302,7 +310,8 @@ def sample(
         var_params, vae_params = jax.device_put((var_params, vae_params), replicated(mesh))
         labels, prefix_ids, rule_inputs = jax.tree_util.tree_map(
             lambda a: jax.device_put(a, batch_sharding(mesh, a.ndim)), (labels, prefix_ids, rule_inputs))
-    fn = _compiled(var_cfg, vae_cfg, settings, rule, prefix_scales, mesh, return_trace)
+    fn = _compiled(var_cfg, vae_cfg, settings, rule, prefix_scales, mesh, return_trace,
+                   None if stop_scales == s else stop_scales)
     return fn(var_params, vae_params, labels, key, prefix_ids, rule_inputs)
 
 
