@@ -3,7 +3,8 @@
     python benchmarks/var_sampling.py --small                          # tiny dims, ddjax only
     python benchmarks/var_sampling.py --compare-var PATH               # d16 at batch 8 (PATH: a
                                                                        # FoundationVision/VAR checkout)
-    python benchmarks/var_sampling.py --compare-var PATH --no-decode   # the transformer loop only
+    python benchmarks/var_sampling.py --compare-var PATH --split       # loop and decoder apart,
+                                                                       # with model FLOPs and MFU
 
 VAR-d16 dimensions (16 blocks, width 1024, 16 heads, 1000 classes, vocabulary 4096 x 32, the 10
 scales 1..16: 680 tokens) over the released VQVAE's architecture (vae_ch160v4096z32, 256 px),
@@ -35,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks._common import interleaved, print_environment, table, time_fn  # noqa: E402
+from benchmarks._common import interleaved, matmul_peak, print_environment, table, time_fn  # noqa: E402
 from ddjax.teacher import var  # noqa: E402
 from ddjax.teacher.var import sampling as var_sampling  # noqa: E402
 
@@ -48,6 +49,56 @@ def configs(args) -> tuple[var.VARConfig, var.VQVAEConfig]:
         return var.var_config(2, embed_dim=128, num_heads=2, num_classes=10, vocab_size=512, cvae=16,
                               patch_nums=pn, drop_path_rate=0.0), vae
     return var.var_config(args.depth, drop_path_rate=0.0), var.vqvae_config()
+
+
+def loop_flops(cfg: var.VARConfig, batch: int, use_cfg: bool = True) -> float:
+    """Model FLOPs of one sampling call's transformer: per token of scale si, 2 x 12 C^2 per
+    block (qkv, proj, fc1, fc2), 4 x C x (keys up to the end of scale si) per block (QK and AV),
+    2 x C x V for the head; rows = 2 B with CFG. The AdaLN projections (once per row and scale)
+    are not counted."""
+    c, v = cfg.embed_dim, cfg.vocab_size
+    total = 0.0
+    for start, end in cfg.begin_ends:
+        n = end - start
+        total += n * (cfg.depth * (24 * c * c + 4 * c * end) + 2 * c * v)
+    return total * batch * (2 if use_cfg else 1)
+
+
+def split(args, cfg, vcfg, params, vparams, labels, settings, model) -> list[dict]:
+    """The loop (ids) and the decoder (f_hat -> pixels) timed apart, interleaved, with MFU."""
+    import torch
+
+    peak = matmul_peak(jnp.float32) * 1e9  # FLOP/s
+    ids = var_sampling.sample(params, cfg, vparams, vcfg, jnp.asarray(labels), jax.random.PRNGKey(0),
+                              settings)
+    vae = var.VQVAE(vcfg)
+    fhat = vae.apply({"params": vparams}, ids, method=var.VQVAE.idxBl_to_fhat)
+    fhat_t = torch.from_numpy(np.asarray(fhat).transpose(0, 3, 1, 2).copy())
+    decode = jax.jit(lambda p, f: vae.apply({"params": p}, f, method=var.VQVAE.fhat_to_img))
+    torch_vae = model.vae_proxy[0]
+
+    def torch_decode():
+        with torch.no_grad():
+            return torch_vae.fhat_to_img(fhat_t)
+
+    def torch_loop():  # the whole call minus nothing: VAR's loop always ends in the decoder
+        return torch_fn(model, labels, settings, True)()
+
+    t = interleaved({"ddjax loop": ddjax_fn(cfg, vcfg, params, vparams, labels, settings, False),
+                     "ddjax decode": lambda: decode(vparams, fhat),
+                     "VAR call": torch_loop, "VAR decode": torch_decode},
+                    warmup=1, repeats=args.repeats)
+    flops = loop_flops(cfg, len(labels), settings.cfg != 0)
+    var_loop = t["VAR call"].median - t["VAR decode"].median
+    rows = [{"part": "transformer loop", "ddjax s": f"{t['ddjax loop'].median:.2f}",
+             "VAR s": f"{var_loop:.2f} (call - decode)",
+             "ddjax MFU": f"{100 * flops / t['ddjax loop'].median / peak:.0f}%",
+             "VAR MFU": f"{100 * flops / var_loop / peak:.0f}%"},
+            {"part": "decoder", "ddjax s": f"{t['ddjax decode'].median:.2f}",
+             "VAR s": f"{t['VAR decode'].median:.2f}", "ddjax MFU": "", "VAR MFU": ""}]
+    print(f"matmul peak (f32, 2048^3, this run): {peak / 1e9:.1f} GFLOP/s; loop model FLOPs per "
+          f"call: {flops / 1e12:.2f} TFLOP; the loop's bound at that peak: {flops / peak:.1f} s")
+    return rows
 
 
 def import_var(path: str) -> types.SimpleNamespace:
@@ -130,6 +181,7 @@ def main() -> int:
     p.add_argument("--small", action="store_true")
     p.add_argument("--no-decode", dest="decode", action="store_false")
     p.add_argument("--compare-var", default="", help="a FoundationVision/VAR checkout")
+    p.add_argument("--split", action="store_true", help="time the loop and the decoder apart")
     p.add_argument("--torch-threads", type=int, default=2)
     args = p.parse_args()
 
@@ -158,6 +210,10 @@ def main() -> int:
     torch.set_num_threads(args.torch_threads)
     ref = import_var(args.compare_var)
     model = torch_models(ref, cfg, vcfg, params, vparams)
+    if args.split:
+        print(table(split(args, cfg, vcfg, params, vparams, labels, settings, model)))
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return 0
     if args.decode:  # semantics first: argmax at every scale gives the same images
         greedy = var.VARSamplingSettings(cfg=args.cfg, top_k=1, top_p=0.0)
         a = np.asarray(ddjax_fn(cfg, vcfg, params, vparams, labels[:2], greedy, True)())

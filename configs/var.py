@@ -10,12 +10,14 @@ Presets (the part after ':'):
                     10 scales, 680 tokens)
 Extra key=value pairs override the arguments below, e.g. `:d16,mode=info`.
 
-Modes: info, sample_teacher (the default: a PNG grid and the tokens), and for `digits` the
-training modes above. DD1 on VAR (generate / train / evaluate) is not available yet.
+Modes: those of configs/llamagen.py (`all`, the default: pairs -> student -> report; info,
+sample_teacher, generate, train, sample, evaluate), and for `digits` the training modes above.
+DD timesteps (t_list, split_t, teacher_start) count tokens at scale boundaries.
 
 Launch:
-  python -m ddjax.main --config=configs/var.py --workdir=/tmp/var_samples
-  python -m ddjax.main --config=configs/var.py:d16 --workdir=/tmp/var_d16 \
+  python -m ddjax.main --config=configs/var.py --workdir=/tmp/var_dd          # the embedded demo
+  python -m ddjax.main --config=configs/var.py:digits,mode=sample_teacher --workdir=/tmp/var_samples
+  python -m ddjax.main --config=configs/var.py:d16,mode=sample_teacher --workdir=/tmp/var_d16 \
       --config.teacher.checkpoint=/ckpts/var_d16.pth --config.vae.checkpoint=/ckpts/vae_ch160v4096z32.pth
   python -m ddjax.main --config=configs/var.py:digits,mode=train_vae --workdir=/tmp/var_digits
   python -m ddjax.main --config=configs/var.py:digits,mode=train_var --workdir=/tmp/var_digits \
@@ -47,7 +49,7 @@ TRAIN_MODES = ("train_vae", "evaluate_vae", "train_var", "evaluate_var")
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    a = common.parse_arg(arg, preset="digits", mode="sample_teacher", assets=common.VAR_DIGITS_ASSETS)
+    a = common.parse_arg(arg, preset="digits", mode="all", assets=common.VAR_DIGITS_ASSETS)
     preset = a["preset"]
     if preset not in ("digits", "tiny", *(f"d{d}" for d in RELEASED)):
         raise ValueError(f"unknown preset {preset!r}; presets: digits, tiny, "
