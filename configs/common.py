@@ -38,7 +38,8 @@ VAR_DIGITS_MODEL = {"embed_dim": 128, "num_heads": 4, "num_classes": 10, "vocab_
 VAR_DIGITS_VAE = {"vocab_size": 256, "z_channels": 16, "ch": 32, "ch_mult": (1, 1, 2),
                   "num_res_blocks": 1, "using_sa": True, "using_mid_sa": True, "quant_resi": 0.5,
                   "share_quant_resi": 4, "patch_nums": VAR_DIGITS_PATCH_NUMS}
-VAR_DIGITS_SAMPLING = {"cfg": 1.0, "top_k": 0, "top_p": 0.0, "greedy": False}  # see experiments/var_digits_teacher
+# The shipped sampling settings (experiments/var_digits_teacher: the guidance sweep).
+VAR_DIGITS_SAMPLING = {"cfg": 1.0, "top_k": 0, "top_p": 0.0, "greedy": False}
 
 # ddjax.mapper.flow.FlowSettings' measured defaults (experiments/flow_solver; checked equal by
 # tests/test_configs.py).
