@@ -11,7 +11,7 @@ import var_fixtures as vf
 
 from ddjax.convert import api
 from ddjax.student.model import final_sequence
-from ddjax.student.sampling import sample_dd
+from ddjax.student.sampling import StudentApply, sample_dd
 from ddjax.student.var_loading import (
     export_var_dd,
     export_var_dd_official,
@@ -21,7 +21,6 @@ from ddjax.student.var_loading import (
 )
 from ddjax.student.var_model import (
     VARDDModel,
-    VARStudentApply,
     final_predict,
     init_from_teacher,
     var_dd_config,
@@ -86,7 +85,7 @@ def test_one_and_two_step_sampling_and_images(case):
     a, cfg, spec = case["a"], case["cfg"], case["spec"]
     split = cfg.boundaries[spec["split"]]
     for name, t_list in (("1step", [0]), ("2step", spec["t_list_2"])):
-        x = sample_dd(VARStudentApply(cfg), case["params"], a["noise"], a["labels"], case["codebook"],
+        x = sample_dd(StudentApply(cfg), case["params"], a["noise"], a["labels"], case["codebook"],
                       t_list=[cfg.boundaries[t] for t in t_list], split_t=split)
         np.testing.assert_allclose(x, a[f"sample_{name}"], atol=ATOL, rtol=0)
         images = (np.asarray(_decode(case["vae"], x, cfg=case["vcfg"])) + 1) / 2

@@ -61,6 +61,31 @@ def overrides_json(block: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields(block).items()}
 
 
+def tokenizer_checkpoint(explicit: str, workdir: str, filename: str, shipped: str,
+                         what: str, train_mode: str) -> str:
+    """The tokenizer a teacher's training tokenizes with: `explicit` when set, else
+    WORKDIR/filename (what `train_mode` wrote), else the shipped checkpoint `shipped`."""
+    if explicit:
+        return explicit
+    local = os.path.join(workdir, filename)
+    if os.path.exists(local):
+        return local
+    if shipped and os.path.exists(shipped):
+        return shipped
+    raise FileNotFoundError(
+        f"no {what} to tokenize with: {local} does not exist (run mode={train_mode} with this "
+        f"workdir first) and config.{'vq' if what == 'VQ' else 'vae'}.checkpoint is unset or missing")
+
+
+def code_usage(ids: np.ndarray, k: int) -> dict[str, float]:
+    """Codes used, their fraction and the perplexity of the code histogram of `ids`."""
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=k)
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    return {"codes_used": int((counts > 0).sum()), "usage": float((counts > 0).mean()),
+            "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))}
+
+
 # -- data ---------------------------------------------------------------------------------------
 def digits_data(config: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train_x, train_y, val_x, val_y): the stratified split of the RGB digits in [-1, 1]

@@ -50,6 +50,7 @@ from ddjax.demo.common import (
     overrides_json,
     save_state_dict,
     shift_fixed,
+    tokenizer_checkpoint,
     vq_config_from,
     write_json,
 )
@@ -121,19 +122,8 @@ def _shift_set(max_shift: int) -> list[tuple[int, int]]:
 
 def _resolve_vq_checkpoint(config: Any, workdir: str) -> str:
     """train_teacher.vq_checkpoint, else WORKDIR/vq.safetensors (train_vq's), else config.vq.checkpoint."""
-    explicit = config.train_teacher.vq_checkpoint
-    if explicit:
-        return explicit
-    local = os.path.join(workdir, "vq.safetensors")
-    if os.path.exists(local):
-        return local
-    shipped = resolve_path(config.vq.checkpoint)
-    if shipped and os.path.exists(shipped):
-        return shipped
-    raise FileNotFoundError(
-        f"no VQ to tokenize with: {local} does not exist (run mode=train_vq with this workdir "
-        "first) and config.vq.checkpoint is unset or missing"
-    )
+    return tokenizer_checkpoint(config.train_teacher.vq_checkpoint, workdir, "vq.safetensors",
+                                resolve_path(config.vq.checkpoint), "VQ", "train_vq")
 
 
 def train_teacher(config: Any, workdir: str) -> dict[str, Any]:

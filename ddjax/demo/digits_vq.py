@@ -19,6 +19,7 @@ from ddjax.demo.common import (
     Params,
     Progress,
     batched,
+    code_usage,
     digits_data,
     export_dtype,
     optimizer,
@@ -61,14 +62,6 @@ def decode_tokens(params: Params, cfg: vq_lib.VQConfig, tokens: np.ndarray, batc
     return batched(lambda t: vq_lib.decode_ids(params, cfg, jnp.asarray(t)), tokens, batch)
 
 
-def _usage(ids: np.ndarray, k: int) -> dict[str, float]:
-    counts = np.bincount(np.asarray(ids).ravel(), minlength=k)
-    p = counts / counts.sum()
-    nz = p[p > 0]
-    return {"codes_used": int((counts > 0).sum()), "usage": float((counts > 0).mean()),
-            "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))}
-
-
 def vq_metrics(params: Params, cfg: vq_lib.VQConfig, images: np.ndarray,
                usage_images: np.ndarray | None = None) -> dict[str, float]:
     """Reconstruction errors of `images` in [-1, 1] units (MSE, MAE; PSNR for a peak-to-peak of 2)
@@ -79,7 +72,7 @@ def vq_metrics(params: Params, cfg: vq_lib.VQConfig, images: np.ndarray,
     ids = encode_images(params, cfg, images if usage_images is None else usage_images)
     return {"mse": mse, "mae": float(np.mean(np.abs(err))),
             "psnr": float(10 * np.log10(4.0 / max(mse, 1e-12))),
-            **_usage(ids, cfg.codebook_size)}
+            **code_usage(ids, cfg.codebook_size)}
 
 
 def train_vq(config: Any, workdir: str) -> dict[str, Any]:

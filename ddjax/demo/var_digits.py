@@ -40,12 +40,15 @@ from ddjax.demo.common import (
     Progress,
     batched,
     classify_digits,
+    code_usage,
     digits_classifier,
     digits_data,
     digits_fid,
+    fields,
     optimizer,
     shift_fixed,
     shift_images,
+    tokenizer_checkpoint,
     write_json,
 )
 from ddjax.teacher.var import loading as var_loading
@@ -53,6 +56,7 @@ from ddjax.teacher.var import model as var_model
 from ddjax.teacher.var import sampling as var_sampling
 from ddjax.teacher.var import vqvae as vqvae_lib
 from ddjax.teacher.var.resize import area
+from ddjax.utils import optim
 from ddjax.utils.checkpoint import config_to_dict
 from ddjax.utils.images import save_grid
 from ddjax.utils.paths import resolve_path
@@ -64,17 +68,13 @@ FILES = ("vae.safetensors", "var.safetensors", "meta.json")
 
 
 # -- configs --------------------------------------------------------------------------------------
-def _fields(block: Any) -> dict[str, Any]:
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(block).items() if v is not None}
-
-
 def vae_config_from(config: Any) -> vqvae_lib.VQVAEConfig:
-    return vqvae_lib.vqvae_config(dtype=config.vae.dtype, **_fields(config.vae.model))
+    return vqvae_lib.vqvae_config(dtype=config.vae.dtype, **fields(config.vae.model))
 
 
 def var_config_from(config: Any) -> var_model.VARConfig:
     t = config.teacher
-    return var_model.var_config(t.depth, dtype=t.dtype, param_dtype=t.param_dtype, **_fields(t.model))
+    return var_model.var_config(t.depth, dtype=t.dtype, param_dtype=t.param_dtype, **fields(t.model))
 
 
 def sampling_from(config: Any) -> var_sampling.VARSamplingSettings:
@@ -138,13 +138,6 @@ def decode_tokens(params: Params, cfg: vqvae_lib.VQVAEConfig, ids: np.ndarray,
                   batch: int = 256) -> np.ndarray:
     """Images [N, H, W, 3] in [-1, 1] from token ids [N, L]."""
     return batched(lambda t: _decode_fn(cfg)(params, jnp.asarray(t)), ids, batch)
-
-
-def _usage(ids: np.ndarray, k: int) -> dict[str, float]:
-    counts = np.bincount(np.asarray(ids).ravel(), minlength=k)
-    p = counts / counts.sum()
-    nz = p[p > 0]
-    return {"codes_used": int((counts > 0).sum()), "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))}
 
 
 def train_vae(config: Any, workdir: str) -> dict[str, Any]:
@@ -227,7 +220,7 @@ def evaluate_vae(config: Any, workdir: str) -> dict[str, Any]:
     rec = decode_tokens(params, cfg, ids)
     mse = float(np.mean((rec - va_x) ** 2))
     val = {"mse": mse, "psnr": float(10 * np.log10(4.0 / max(mse, 1e-12))),
-           **_usage(encode_images(params, cfg, np.concatenate([tr_x, va_x])), cfg.vocab_size)}
+           **code_usage(encode_images(params, cfg, np.concatenate([tr_x, va_x])), cfg.vocab_size)}
     show = va_x[:16]
     png = save_grid(os.path.join(workdir, "vae_reconstructions.png"),
                     np.concatenate([show, rec[:16]]), nrow=16, scale=2)
@@ -266,17 +259,8 @@ def token_nll(params: Params, cfg: var_model.VARConfig, x: np.ndarray, ids: np.n
 
 
 def _vae_checkpoint(config: Any, workdir: str) -> str:
-    explicit = resolve_path(config.train_var.vae_checkpoint)
-    if explicit:
-        return explicit
-    local = os.path.join(workdir, "vae.safetensors")
-    if os.path.exists(local):
-        return local
-    shipped = resolve_path(config.vae.checkpoint)
-    if shipped and os.path.exists(shipped):
-        return shipped
-    raise FileNotFoundError(f"no VQVAE to tokenize with: {local} does not exist (run "
-                            "mode=train_vae with this workdir first) and config.vae.checkpoint is unset")
+    return tokenizer_checkpoint(resolve_path(config.train_var.vae_checkpoint), workdir, "vae.safetensors",
+                                resolve_path(config.vae.checkpoint), "VQVAE", "train_vae")
 
 
 def train_var(config: Any, workdir: str) -> dict[str, Any]:
@@ -321,7 +305,7 @@ def train_var(config: Any, workdir: str) -> dict[str, Any]:
         updates, s = tx.update(grads, s, p)
         p = optax.apply_updates(p, updates)
         if e is not None:
-            e = jax.tree_util.tree_map(lambda a, b: tc.ema_decay * a + (1 - tc.ema_decay) * b, e, p)
+            e = optim.ema_update(e, p, tc.ema_decay)
         return p, s, e, {"loss": loss}
 
     xs_d, ids_d, labs_d = jnp.asarray(tr_in), jnp.asarray(tr_ids), jnp.asarray(tr_lab)

@@ -5,6 +5,7 @@
     params = fam.init_params(cfg, rng)
     params = fam.init_from_teacher(params, teacher.params, rng)
     cont, logits = fam.module(cfg).apply({"params": params}, x_t, labels, t)   # t in tokens
+    # (ddjax.student.sampling.StudentApply(cfg) wraps that for the samplers)
     fam.to_json(cfg) / fam.from_json(d)                       # ddjax.json's model_config
 
 Both students take X_t [B, L, d] (codes before t, noise after), labels [B] and t [B] (tokens
@@ -21,7 +22,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddjax.student import model as llamagen_model
 from ddjax.student import var_model
@@ -117,19 +117,5 @@ def config_from_json(model_config: dict) -> Any:
     return (VAR if "var" in model_config else LLAMAGEN).from_json(model_config)
 
 
-@dataclasses.dataclass(frozen=True)
-class Apply:
-    """The network of any family as a `StudentFn`: Apply(cfg)(params, x_t, labels, t)."""
-
-    config: Any
-
-    def __call__(self, params, x_t, labels, t):
-        return family_of_config(self.config).module(self.config).apply({"params": params}, x_t, labels, t)
-
-
-def param_count(params: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-
-
 __all__ = ["StudentFamily", "LLAMAGEN", "VAR", "FAMILIES", "student_family", "family_of_config",
-           "config_from_json", "Apply", "param_count"]
+           "config_from_json"]

@@ -39,7 +39,6 @@ from ddjax.mapper.pairs import PairDataset
 from ddjax.student import losses
 from ddjax.student import model as model_lib
 from ddjax.student.families import family_of_config, student_family
-from ddjax.student.families import param_count as count_params
 from ddjax.student.loading import CKPT_DIR, STUDENT_DIR
 from ddjax.teacher.base import Teacher
 from ddjax.teacher.llamagen.gpt import GPTConfig, as_dtype
@@ -391,7 +390,7 @@ def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir:
             kw["in_shardings"] = (sharding_lib.replicated(mesh),
                                   state_shardings(weights, mesh, tc.sharding))
         state = jax.jit(init_fn, out_shardings=state_sh, **kw)(init_rng, weights)
-    n_params = count_params(abstract["params"])
+    n_params = model_lib.param_count(abstract["params"])
     logging.info("student: %d parameters, %s sharding over %s, compute %s", n_params, tc.sharding,
                  dict(mesh.shape), tc.compute_dtype)
 

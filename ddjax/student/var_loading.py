@@ -13,14 +13,13 @@ load, written on export.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
-import jax
 import numpy as np
 
-from ddjax.student.var_model import VARDDConfig, init_params
+from ddjax.student.families import VAR as VAR_FAMILY
+from ddjax.student.var_model import VARDDConfig
 from ddjax.teacher.var.loading import VAR_BUFFERS
 from ddjax.teacher.var.vqvae import var_torch_key
 from ddjax.utils.state_dict import check_params, flax_to_torch, torch_to_flax
@@ -36,9 +35,8 @@ from ddjax.utils.torch_io import (
 OFFICIAL_KEYS = ("trainer.ema_parameters", "trainer.var_wo_ddp")
 
 
-@functools.lru_cache(maxsize=8)
 def _abstract(config: VARDDConfig) -> Any:
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    return VAR_FAMILY.abstract_params(config)
 
 
 def var_dd_from_state_dict(state: StateDict, config: VARDDConfig, source: str = "state dict") -> Any:

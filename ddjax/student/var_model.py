@@ -15,7 +15,8 @@ before its own and its own input, so the tokens of one scale are predicted indep
 the teacher draws them. Output j is token j (no shift). t counts tokens: the official code
 takes scale indices and converts them to cum(t) = sum of pn^2 over the first t scales; every
 function here works on that count, so `ddjax.student.model.perturb` / `pass_through` /
-`final_sequence` and `ddjax.student.sampling.sample_dd` serve both families.
+`final_sequence` and `ddjax.student.sampling.sample_dd` (with `StudentApply(config)`) serve
+both families.
 
 Parameter names follow the PyTorch module (`n_d_embed`, `layerwise_n_d_embed.{0..depth}`,
 `final_layer_conti.{scale_shift_table,linear}`, the teacher's `blocks.*`, `class_emb`,
@@ -190,20 +191,10 @@ def final_predict(params: Any, config: VARDDConfig, x_t: jax.Array, labels: jax.
     return pass_through(cont, logits, x_t, t, codebook)
 
 
-@dataclasses.dataclass(frozen=True)
-class VARStudentApply:
-    """The network as a `ddjax.student.sampling.StudentFn`: (params, x_t, labels, t) -> (cont, logits)."""
-
-    config: VARDDConfig
-
-    def __call__(self, params, x_t, labels, t):
-        return VARDDModel(self.config).apply({"params": params}, x_t, labels, t)
-
-
 def param_count(config: VARDDConfig) -> int:
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
     return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
 
 
-__all__ = ["VARDDConfig", "VARDDModel", "VARStudentApply", "var_dd_config", "init_params",
+__all__ = ["VARDDConfig", "VARDDModel", "var_dd_config", "init_params",
            "init_from_teacher", "final_predict", "param_count"]
