@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import struct
+
 import jax
 
 from ddjax.teacher.llamagen.family import LlamaGenTeacher
@@ -28,3 +32,19 @@ def random_params(params, seed: int = 0, scale: float = 0.3):
 def teacher_of(cfg, params, codebook):
     """A LlamaGenTeacher over a given codebook (no tokenizer)."""
     return LlamaGenTeacher.from_codebook(cfg, params, codebook)
+
+
+def read_scalars(logdir):
+    """{tag: [(step, value)]} from the TensorBoard event files (TFRecord of Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        data, i = open(path, "rb").read(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out

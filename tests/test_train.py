@@ -4,10 +4,8 @@ tests/multidevice/test_sharded_train.py)."""
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import os
-import struct
 
 import chex
 import jax
@@ -15,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import read_scalars
 
 from ddjax.app import build, run
 from ddjax.mapper.pairs import PairDataset
@@ -62,22 +61,6 @@ def latest_step(workdir):
     mngr = ocp.CheckpointManager(os.path.join(workdir, "student", "checkpoints"),
                                  options=ocp.CheckpointManagerOptions(read_only=True))
     return mngr.latest_step()
-
-
-def read_scalars(logdir):
-    """{tag: [(step, value)]} from the TensorBoard event files (TFRecord of Event protos)."""
-    from tensorboardX.proto import event_pb2
-
-    out = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        data, i = open(path, "rb").read(), 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-            i += 12 + n + 4
-            for v in event.summary.value:
-                out.setdefault(v.tag, []).append((event.step, v.simple_value))
-    return out
 
 
 # -- pieces ---------------------------------------------------------------------------------

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import var as var_configs  # configs/var.py
+from conftest import ROOT
+from helpers import read_scalars
 
 from ddjax.app import run
 from ddjax.mapper.flow import FlowSettings
@@ -113,3 +119,93 @@ def test_tiny_var_pipeline_through_main(tmp_path):
     assert "| teacher-involved | 3 |" in text
     again = run(config, str(tmp_path))  # pairs complete, student trained: evaluation only
     assert os.path.exists(again["report"])
+
+
+STAGE_SCRIPT = """
+import sys, time
+sys.path.insert(0, {configs!r})
+import var
+from ddjax.app import run
+from ddjax.mapper import generate
+from ddjax.mapper.pairs import PairDataset
+
+# Slow each mapped batch and each training batch so that the parent can kill mid-stage; the
+# work itself is unchanged.
+_map, _batches = generate.map_noise_to_tokens, PairDataset.batches
+def slow_map(*a, **k):
+    time.sleep(0.15)
+    return _map(*a, **k)
+def slow_batches(self, *a, **k):
+    for b in _batches(self, *a, **k):
+        time.sleep(0.15)
+        yield b
+generate.map_noise_to_tokens, PairDataset.batches = slow_map, slow_batches
+config = var.get_config("tiny")
+config.data.update(num_pairs=192, shard_size=32, batch_size=8)
+config.train.update(num_steps=24, checkpoint_every=4, log_every=4, keep_checkpoints=2)
+for mode in sys.argv[2:]:
+    config.mode = mode
+    run(config, sys.argv[1])
+"""
+
+
+def _stage(script, workdir, *modes, wait=None, timeout=300):
+    """Runs the stage script; with `wait` (a predicate on workdir) SIGKILLs it once wait() holds."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    args = [sys.executable, str(script), workdir, *modes]
+    if wait is None:
+        subprocess.run(args, env=env, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
+        return
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not wait():
+        assert proc.poll() is None and time.time() < deadline, "the stage ended before the kill"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_while_writing_pairs_and_while_training_resumes_to_the_same_run(tmp_path):
+    """VAR pairs and VAR training through the entry layer: SIGKILL mid-shard and mid-training,
+    rerun, and the dataset, the losses and the (EMA) weights equal an uninterrupted run's."""
+    from ddjax.mapper.pairs import PairDataset, shard_name
+    from ddjax.student.loading import load_training_run
+
+    script = tmp_path / "stage.py"
+    script.write_text(STAGE_SCRIPT.format(configs=os.path.join(ROOT, "configs")))
+    ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+    _stage(script, ref, "generate", "train")
+
+    pairs = os.path.join(killed, "pairs")
+    _stage(script, killed, "generate", wait=lambda: os.path.exists(
+        os.path.join(pairs, shard_name(1) + ".json")))
+    done = [f for f in os.listdir(pairs) if f.startswith("pairs-") and f.endswith(".json")]
+    assert 2 <= len(done) < 6, done
+    ckpts = os.path.join(killed, "student", "checkpoints")
+
+    def mid_training():
+        steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+        return any(s >= 8 for s in steps)
+
+    _stage(script, killed, "generate", "train", wait=mid_training)
+    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    assert steps and steps[-1] < 24, steps
+    _stage(script, killed, "generate", "train")
+
+    a, b = PairDataset(os.path.join(ref, "pairs")).load_all(), PairDataset(pairs).load_all()
+    assert sorted(a) == sorted(b) and len(a["tokens"]) == 192
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    for ema in (False, True):
+        _, pa, ma = load_training_run(ref, ema=ema)
+        _, pb, mb = load_training_run(killed, ema=ema)
+        assert ma["step"] == mb["step"] == 24
+        for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+    la, lb = (read_scalars(os.path.join(d, "student", "logs")) for d in (ref, killed))
+    assert [s for s, _ in la["loss"]] == [4, 8, 12, 16, 20, 24]
+    resumed = {s: v for s, v in lb["loss"]}
+    for s, v in la["loss"]:
+        if s > steps[-1]:  # the steps the rerun computed
+            assert abs(resumed[s] - v) <= 1e-6, (s, resumed[s], v)
+

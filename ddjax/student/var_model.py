@@ -118,21 +118,26 @@ class VARDDModel(nn.Module):
         lvl = self.lvl_embed(jnp.asarray(self.config.levels))[None]
         h = jnp.concatenate([sos, self.word_embed(x.astype(jnp.float32))], axis=1)
         h = h + lvl + self.pos_1LC.astype(jnp.float32)
-        nd = None
+        nd, is_data = None, None
         if self.config.n_d_embed:
-            is_data = jnp.arange(n + 1)[None, :] <= jnp.asarray(t).reshape(b, 1)
-            nd = self.n_d_embed(is_data.astype(jnp.int32))  # [B, L + 1, C]
+            is_data = (jnp.arange(n + 1)[None, :] <= jnp.asarray(t).reshape(b, 1)).astype(jnp.int32)
+            nd = self.n_d_embed(is_data)  # [B, L + 1, C]
             h = h + nd
+        table = self.n_d_embed.embedding if self.config.n_d_embed else None  # [2, C]
+
+        def layerwise(i: int) -> jax.Array:
+            # The projection of n_d_embed(is_data): computed on the two rows, then gathered
+            # (the same values as projecting every position; B x (L + 1) times less work).
+            return jnp.take(self.layerwise_n_d_embed[i](table.astype(jnp.float32)), is_data, axis=0)
+
         h = h.astype(c.dtype)
         mask = jnp.asarray(self.config.mask())
         for i, block in enumerate(self.blocks):
-            between = nd
-            if self.config.layerwise_n_d_embed:
-                between = self.layerwise_n_d_embed[i](nd)
+            between = layerwise(i) if self.config.layerwise_n_d_embed else nd
             h, _ = block(h, cond, mask, None, 0, train, between)
         hh = h.astype(jnp.float32)
         if self.config.layerwise_n_d_embed:
-            hh = hh + self.layerwise_n_d_embed[c.depth](nd)
+            hh = hh + layerwise(c.depth)
         elif nd is not None:
             hh = hh + nd
         logits = self.head(self.head_nm(hh, cond)).astype(jnp.float32)[:, 1:]

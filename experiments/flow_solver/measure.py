@@ -1,4 +1,4 @@
-"""Convergence and cost of the one-token flow map (ddjax.mapper.flow) on three codebooks.
+"""Convergence and cost of the one-token flow map (ddjax.mapper.flow) on LlamaGen- and VAR-like codebooks.
 
     python experiments/flow_solver/measure.py                          # the tables in README.md
     python experiments/flow_solver/measure.py --tokens 256 --check-tokens 32 --quick   # smoke run
@@ -8,11 +8,18 @@ Codebooks (d = 8, L2-normalised):
   clustered  K = 16384 = 64 centres x 256 near-duplicate codes (centre + 0.02 N(0, I)), the
              tight groups trained codebooks can have;
   digits     the shipped digits VQ (ddjax/assets/digits, K = 128), loaded as the pipeline does.
+VAR's codebooks are not normalised (d = 32 for VAR's vae_ch160v4096z32):
+  var-sS     K = 4096 Gaussian codes N(0, S^2 I) in d = 32, unnormalised (var-s0.1: norms ~0.57,
+             near-duplicates at noise scale; var-s1: norms ~5.7, beyond the noise);
+  var-digits the shipped VAR digits VQVAE's codebook (ddjax/assets/var_digits, K = 256, d = 16,
+             norms 0.09-0.99), loaded as the pipeline does.
 Distributions (one p per token):
   full   logits ~ N(0, 3^2), full support;
   flat   logits ~ N(0, 1), full support (the posterior stays spread longer);
   top-k  the full logits with top-k applied (8000 for K = 16384 as LlamaGen's sampler, 32 as
-         the digits teacher's), the rest -inf.
+         the digits teacher's), the rest -inf;
+  var    VAR's processed distribution: top-k 900 then top-p 0.95 of the full logits (VAR-DD's
+         teacher settings).
 Reference for every token: `ddjax.mapper.check.REFERENCE` (RK4, 128 cubic steps to t_min = 1e-4,
 no pruning, float64). It is itself checked on a subset against RK4 with 256 cubic steps (float64).
 Each candidate (float32, chunk = FlowSettings' default) runs on all tokens: "agree" is the % of
@@ -33,6 +40,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -40,10 +48,13 @@ from ddjax.app.build import build_teacher  # noqa: E402
 from ddjax.configs_path import load_config  # noqa: E402
 from ddjax.mapper.check import REFERENCE, reference_tokens  # noqa: E402
 from ddjax.mapper.flow import FlowSettings, map_token, pruned_at, time_grid  # noqa: E402
+from ddjax.teacher.var.sampling import filter_top_k_top_p  # noqa: E402
 
 K, D = 16384, 8
 CODEBOOKS = ("random", "clustered", "digits")
+VAR_CODEBOOKS = ("var-s0.1", "var-s0.3", "var-s1", "var-digits")  # --codebooks var selects these
 DISTRIBUTIONS = ("full", "flat", "top-k")
+VAR_K, VAR_D = 4096, 32
 COST_TOKENS = 1024
 REFERENCE_CHECK = dataclasses.replace(REFERENCE, num_steps=256)
 DEFAULT = FlowSettings()
@@ -53,8 +64,13 @@ BASE = FlowSettings(solver="rk4", t_min=1e-3, support_k=None, prune_t=None, prun
 
 
 def codebook(name: str, seed: int = 0) -> np.ndarray:
-    """[K, d] float32 L2-normalised codes."""
+    """[K, d] float32 codes (L2-normalised but for VAR's)."""
     rng = np.random.default_rng(seed)
+    if name == "var-digits":
+        config = load_config("var", "digits")
+        return np.asarray(build_teacher(config).codebook, np.float32)
+    if name.startswith("var-s"):
+        return (float(name[5:]) * rng.standard_normal((VAR_K, VAR_D))).astype(np.float32)
     if name == "digits":
         config = load_config("llamagen", "digits")
         return np.asarray(build_teacher(config).codebook, np.float32)
@@ -78,6 +94,8 @@ def distribution(name: str, tokens: int, k: int, seed: int = 1) -> np.ndarray:
     """[tokens, k] log-probabilities."""
     rng = np.random.default_rng(seed)
     logits = (1.0 if name == "flat" else 3.0) * rng.standard_normal((tokens, k))
+    if name == "var":  # VAR's own sampler filter (ddjax.teacher.var.sampling)
+        logits = np.asarray(filter_top_k_top_p(jnp.asarray(logits, jnp.float32), 900, 0.95))
     if name == "top-k":
         top = 8000 if k > 1000 else 32
         cut = np.partition(logits, k - top, axis=1)[:, k - top][:, None]
@@ -157,7 +175,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per case")
     parser.add_argument("--check-tokens", type=int, default=256,
                         help="subset for the reference's own check")
-    parser.add_argument("--codebooks", default=",".join(CODEBOOKS))
+    parser.add_argument("--codebooks", default=",".join(CODEBOOKS),
+                        help=f"comma-separated; 'var' = {','.join(VAR_CODEBOOKS)} (use with "
+                             "--distributions var,full)")
     parser.add_argument("--distributions", default=",".join(DISTRIBUTIONS))
     parser.add_argument("--quick", action="store_true", help="two candidates only")
     parser.add_argument("--reference-cache", default="",
@@ -168,9 +188,10 @@ def main() -> None:
           f"load average={os.getloadavg()}")
     print(f"default: {DEFAULT}")
     rows = []
-    noise = np.random.default_rng(2).standard_normal((args.tokens, D)).astype(np.float32)
-    for cb_name in args.codebooks.split(","):
+    names = [n for c in args.codebooks.split(",") for n in (VAR_CODEBOOKS if c == "var" else (c,))]
+    for cb_name in names:
         cb = codebook(cb_name)
+        noise = np.random.default_rng(2).standard_normal((args.tokens, cb.shape[1])).astype(np.float32)
         for dist in args.distributions.split(","):
             log_p = distribution(dist, args.tokens, cb.shape[0])
             case = f"{cb_name} K={cb.shape[0]} / {dist}"
