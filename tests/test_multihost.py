@@ -58,7 +58,7 @@ class Launch:
 
 
 def launch(workdir: str, sets: list[str], num_processes: int, *, kill_at: int = -1,
-           dump: bool = False, heartbeat_s: int = 10) -> Launch:
+           dump: bool = False, heartbeat_s: int = 10, family: str = "llamagen") -> Launch:
     """Runs the worker as `num_processes` processes of DEVICES // num_processes CPU devices.
 
     kill_at: process 1 kills itself once training checkpoint `kill_at` is written.
@@ -72,7 +72,8 @@ def launch(workdir: str, sets: list[str], num_processes: int, *, kill_at: int = 
     for p in range(num_processes):
         args = [sys.executable, WORKER, f"--process_id={p}", f"--num_processes={num_processes}",
                 f"--port={port}", f"--workdir={workdir}", f"--out={workdir}/process{p}.json",
-                f"--heartbeat_timeout_s={heartbeat_s}", *[f"--set={s}" for s in sets]]
+                f"--heartbeat_timeout_s={heartbeat_s}", f"--family={family}",
+                *[f"--set={s}" for s in sets]]
         if dump:
             args.append(f"--dump_checkpoint={workdir}/checkpoint.npz")
         if kill_at >= 0 and p == 1:
@@ -189,6 +190,35 @@ def test_fsdp_training_on_2_processes_equals_1_process(runs):
     np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=0, atol=1e-5)
     assert_same_checkpoint(os.path.join(one.workdir, "checkpoint.npz"),
                            os.path.join(run.workdir, "checkpoint.npz"))
+
+
+def test_var_pairs_and_training_on_2_processes_equal_1_process(tmp_path):
+    """The VAR family through the same stages: shard-by-shard equal pairs (sha256), equal
+    losses and checkpoint values on 2 x 4 devices and on 1 x 8."""
+    sets = ["mode=generate", "data.num_pairs=64", "data.shard_size=16", "data.batch_size=8"]
+    train = ["mode=train", *STEPS]
+    one = launch(str(tmp_path / "one"), sets, 1, family="var")
+    assert one.returncodes == [0], one.logs[0][-4000:]
+    one_t = launch(str(tmp_path / "one"), [*train, f"data.dir={one.workdir}/pairs"], 1, dump=True,
+                   family="var")
+    assert one_t.returncodes == [0], one_t.logs[0][-4000:]
+    two = launch(str(tmp_path / "two"), sets, 2, family="var")
+    assert two.returncodes == [0, 0], two.logs[0][-3000:] + two.logs[1][-3000:]
+    ref, got = sidecars(os.path.join(one.workdir, "pairs")), sidecars(os.path.join(two.workdir, "pairs"))
+    assert len(ref) == 4 and got == ref
+    for p in (0, 1):
+        assert two.out(p)["stages"]["generate"] == [s for s in range(4) if s % 2 == p]
+    # 2 processes train on the 1-process pairs (equal, as just checked).
+    two_t = launch(str(tmp_path / "two"), [*train, f"data.dir={one.workdir}/pairs"], 2, dump=True,
+                   family="var")
+    assert two_t.returncodes == [0, 0], two_t.logs[0][-3000:] + two_t.logs[1][-3000:]
+    want = losses(one_t)
+    assert sorted(want) == list(range(1, 9))
+    for p in (0, 1):
+        got_l = losses(two_t, p)
+        np.testing.assert_allclose([got_l[s] for s in want], list(want.values()), rtol=0, atol=1e-5)
+    assert_same_checkpoint(os.path.join(one.workdir, "checkpoint.npz"),
+                           os.path.join(two.workdir, "checkpoint.npz"))
 
 
 def test_a_lost_peer_stops_the_other_and_a_rerun_on_1_process_resumes(runs):

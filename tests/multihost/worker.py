@@ -4,7 +4,8 @@ r"""One process of a CPU multi-process run of ddjax, launched by tests/test_mult
         python tests/multihost/worker.py --process_id=0 --num_processes=2 --port=PORT \
         --workdir=DIR --out=DIR/process0.json --set mode=train --set train.num_steps=12
 
-Runs `ddjax.app.run` on the `tiny` preset with the `--set` overrides, joined to the other
+Runs `ddjax.app.run` on the `tiny` preset (of configs/llamagen.py, or configs/var.py with
+--family=var) with the `--set` overrides, joined to the other
 processes by `jax.distributed.initialize` on 127.0.0.1:PORT (with --num_processes=1 it runs
 alone, no coordinator), and writes what the mode returned to --out as JSON.
 --kill_at_checkpoint=N: this process kills itself (SIGKILL) as soon as training checkpoint N is
@@ -34,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import llamagen  # noqa: E402  (configs/llamagen.py)
+import var  # noqa: E402  (configs/var.py)
 
 from ddjax import sharding  # noqa: E402
 from ddjax.app import modes  # noqa: E402
@@ -53,12 +55,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kill_at_checkpoint", type=int, default=-1)
     p.add_argument("--dump_checkpoint", default="")
     p.add_argument("--heartbeat_timeout_s", type=int, default=10)
+    p.add_argument("--family", default="llamagen", choices=("llamagen", "var"),
+                   help="whose tiny preset: configs/llamagen.py or configs/var.py")
     return p.parse_args(argv)
 
 
-def tiny_config(overrides: list[str]) -> Any:
-    """The tiny preset with key=value overrides (values parsed as Python literals)."""
-    config = llamagen.get_config("tiny")
+def tiny_config(overrides: list[str], family: str = "llamagen") -> Any:
+    """The family's tiny preset with key=value overrides (values parsed as Python literals)."""
+    config = {"llamagen": llamagen, "var": var}[family].get_config("tiny")
     flat = {}
     for item in overrides:
         key, value = item.split("=", 1)
@@ -146,7 +150,7 @@ def main(argv: list[str]) -> None:
         kill_when_checkpointed(args.workdir, args.kill_at_checkpoint)
     t0 = time.time()
     stages = record_stages()
-    result = app_run(tiny_config(args.set), args.workdir)
+    result = app_run(tiny_config(args.set, args.family), args.workdir)
     out = {"process": jax.process_index(), "process_count": jax.process_count(),
            "seconds": time.time() - t0, "result": summary(result), "stages": stages}
     if args.dump_checkpoint:
