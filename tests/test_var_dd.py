@@ -123,6 +123,12 @@ def test_tiny_var_pipeline_through_main(tmp_path):
 
 STAGE_SCRIPT = """
 import sys, time
+import jax
+# Tiny models: compile time rules. Every stage (and the reference) compiles the same way, and
+# the later stages reuse the first one's executables from the shared cache.
+jax.config.update("jax_disable_most_optimizations", True)
+jax.config.update("jax_compilation_cache_dir", {cache!r})
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 sys.path.insert(0, {configs!r})
 import var
 from ddjax.app import run
@@ -172,7 +178,8 @@ def test_sigkill_while_writing_pairs_and_while_training_resumes_to_the_same_run(
     from ddjax.student.loading import load_training_run
 
     script = tmp_path / "stage.py"
-    script.write_text(STAGE_SCRIPT.format(configs=os.path.join(ROOT, "configs")))
+    script.write_text(STAGE_SCRIPT.format(configs=os.path.join(ROOT, "configs"),
+                                          cache=str(tmp_path / "jax_cache")))
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
     _stage(script, ref, "generate", "train")
 
