@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import struct
+import subprocess
+import time
 
 import jax
 
@@ -48,3 +51,16 @@ def read_scalars(logdir):
             for v in event.summary.value:
                 out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out
+
+
+def kill_when(args, env, ready, timeout: float, delay: float = 0.0, **popen) -> None:
+    """Starts `args` and SIGKILLs it `delay` seconds after ready() first holds; fails if the
+    process ends (or `timeout` passes) before that."""
+    proc = subprocess.Popen(args, env=env, **popen)
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "the process ended before the kill"
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -5,16 +5,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, random_params, teacher_of, tiny_gpt_config
+from helpers import kill_when
 
 from ddjax.mapper.flow import FlowSettings
 from ddjax.mapper.pairs import PairDataset, PairSpec, generate_pairs, shard_name
@@ -194,15 +193,9 @@ def test_kill_mid_shard_and_resume_equals_uninterrupted_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
     subprocess.run([sys.executable, str(script), ref], env=env, check=True, timeout=300)
-    proc = subprocess.Popen([sys.executable, str(script), killed], env=env)
-    deadline = time.time() + 240
     # kill once two shards are final and the third is being mapped
-    while not os.path.exists(os.path.join(killed, shard_name(1) + ".json")):
-        assert proc.poll() is None and time.time() < deadline, "generator ended too early"
-        time.sleep(0.02)
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when([sys.executable, str(script), killed], env,
+              lambda: os.path.exists(os.path.join(killed, shard_name(1) + ".json")), 240, delay=0.1)
     done = sorted(f for f in os.listdir(killed) if f.endswith(".json") and f != "dataset.json")
     assert 2 <= len(done) < 8, done
     subprocess.run([sys.executable, str(script), killed], env=env, check=True, timeout=300)

@@ -131,22 +131,32 @@ def sidecars(pairs_dir: str) -> dict[str, str]:
     return {n: json.load(open(os.path.join(pairs_dir, n)))["sha256"] for n in names}
 
 
-def test_pairs_from_2_processes_equal_1_process_shard_by_shard(runs):
-    _, one, two = runs
+def assert_same_shards(one: Launch, two: Launch) -> None:
+    """The 4 shards of 1 process and of 2 are equal (sha256); process p wrote shards p (mod 2)."""
     ref, got = sidecars(os.path.join(one.workdir, "pairs")), sidecars(os.path.join(two.workdir, "pairs"))
     assert len(ref) == 4 and got == ref
-    for p in (0, 1):  # process p wrote shards i = p (mod 2)
+    for p in (0, 1):
         assert two.out(p)["stages"]["generate"] == [s for s in range(4) if s % 2 == p]
 
 
-def test_data_parallel_training_on_2_processes_equals_1_process(runs):
-    _, one, two = runs
+def assert_same_losses(one: Launch, two: Launch) -> None:
+    """Both processes of `two` logged the 8 losses of `one`, within 1e-5."""
     ref = losses(one)
     assert sorted(ref) == list(range(1, 9))
     for p in (0, 1):
         got = losses(two, p)
         assert sorted(got) == sorted(ref)
         np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=0, atol=1e-5)
+
+
+def test_pairs_from_2_processes_equal_1_process_shard_by_shard(runs):
+    _, one, two = runs
+    assert_same_shards(one, two)
+
+
+def test_data_parallel_training_on_2_processes_equals_1_process(runs):
+    _, one, two = runs
+    assert_same_losses(one, two)
     assert_same_checkpoint(os.path.join(one.workdir, "checkpoint.npz"),
                            os.path.join(two.workdir, "checkpoint.npz"))
     # A checkpoint of 2 processes x 4 devices loads for sampling here, on 1 process x 1 device.
@@ -204,19 +214,12 @@ def test_var_pairs_and_training_on_2_processes_equal_1_process(tmp_path):
     assert one_t.returncodes == [0], one_t.logs[0][-4000:]
     two = launch(str(tmp_path / "two"), sets, 2, family="var")
     assert two.returncodes == [0, 0], two.logs[0][-3000:] + two.logs[1][-3000:]
-    ref, got = sidecars(os.path.join(one.workdir, "pairs")), sidecars(os.path.join(two.workdir, "pairs"))
-    assert len(ref) == 4 and got == ref
-    for p in (0, 1):
-        assert two.out(p)["stages"]["generate"] == [s for s in range(4) if s % 2 == p]
+    assert_same_shards(one, two)
     # 2 processes train on the 1-process pairs (equal, as just checked).
     two_t = launch(str(tmp_path / "two"), [*train, f"data.dir={one.workdir}/pairs"], 2, dump=True,
                    family="var")
     assert two_t.returncodes == [0, 0], two_t.logs[0][-3000:] + two_t.logs[1][-3000:]
-    want = losses(one_t)
-    assert sorted(want) == list(range(1, 9))
-    for p in (0, 1):
-        got_l = losses(two_t, p)
-        np.testing.assert_allclose([got_l[s] for s in want], list(want.values()), rtol=0, atol=1e-5)
+    assert_same_losses(one_t, two_t)
     assert_same_checkpoint(os.path.join(one.workdir, "checkpoint.npz"),
                            os.path.join(two.workdir, "checkpoint.npz"))
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import var as var_configs  # configs/var.py
 from conftest import ROOT
-from helpers import read_scalars
+from helpers import kill_when, read_scalars
 
 from ddjax.app import run
 from ddjax.mapper.flow import FlowSettings
@@ -162,13 +160,7 @@ def _stage(script, workdir, *modes, wait=None, timeout=300):
     if wait is None:
         subprocess.run(args, env=env, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
         return
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while not wait():
-        assert proc.poll() is None and time.time() < deadline, "the stage ended before the kill"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(args, env, wait, timeout, stdout=subprocess.DEVNULL)
 
 
 def test_sigkill_while_writing_pairs_and_while_training_resumes_to_the_same_run(tmp_path):

@@ -15,7 +15,6 @@ digits. Prints one JSON line and writes WORKDIR/recipe.json.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from ddjax.app import build, modes  # noqa: E402
 from ddjax.app.settings import read_settings  # noqa: E402
-from ddjax.configs_path import load_config  # noqa: E402
+from ddjax.configs_path import apply_overrides, load_config  # noqa: E402
 from ddjax.evaluate.fid import fid_from_features  # noqa: E402
 from ddjax.evaluate.report import eval_inputs  # noqa: E402
 from ddjax.utils.batching import map_batches  # noqa: E402
@@ -43,15 +42,7 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS), help="which DD rows to score")
     p.add_argument("overrides", nargs="*", help="key=value (configs/var.py:digits keys)")
     args = p.parse_args()
-    config = load_config("var", "digits")
-    flat = {}
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        try:
-            flat[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            flat[key] = value
-    config.update_from_flattened_dict(flat)
+    config = apply_overrides(load_config("var", "digits"), args.overrides)
     if not os.path.isdir(args.pairs):
         raise FileNotFoundError(f"--pairs: no such directory {args.pairs}")
     os.makedirs(args.workdir, exist_ok=True)

@@ -18,7 +18,6 @@ files the evaluation wrote from this process (`record_stages`).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import signal
@@ -40,6 +39,7 @@ import var  # noqa: E402  (configs/var.py)
 from ddjax import sharding  # noqa: E402
 from ddjax.app import modes  # noqa: E402
 from ddjax.app import run as app_run  # noqa: E402
+from ddjax.configs_path import apply_overrides  # noqa: E402
 from ddjax.evaluate import report as report_lib  # noqa: E402
 from ddjax.student.loading import CKPT_DIR, STUDENT_DIR, load_training_run  # noqa: E402
 
@@ -62,16 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def tiny_config(overrides: list[str], family: str = "llamagen") -> Any:
     """The family's tiny preset with key=value overrides (values parsed as Python literals)."""
-    config = {"llamagen": llamagen, "var": var}[family].get_config("tiny")
-    flat = {}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        try:
-            flat[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            flat[key] = value
-    config.update_from_flattened_dict(flat)
-    return config
+    return apply_overrides({"llamagen": llamagen, "var": var}[family].get_config("tiny"), overrides)
 
 
 def kill_when_checkpointed(workdir: str, step: int) -> None:
