@@ -163,4 +163,36 @@ def pipeline_blocks() -> mlc.ConfigDict:
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
     c.train.shuffle_window = 16  # shards shuffled together
+
+    # --- DD2 (method="dd2": conditional score distillation, ddjax/dd2/train.py) --------------
+    c.method = "dd1"  # "dd2": mode=all also runs DD2's stages and the report adds its rows
+    c.dd2 = dd2_block()
     return c
+
+
+def dd2_block() -> mlc.ConfigDict:
+    """DD2's stages (ddjax.dd2.train.DD2Settings; dd2.md §5 for the paper's values)."""
+    opt = lambda lr, warmup: {"lr": lr, "warmup_steps": warmup, "b1": 0.9, "b2": 0.95,  # noqa: E731
+                              "weight_decay": 0.0, "grad_clip": 1.0}
+    return mlc.ConfigDict({
+        "batch_size": 32,  # global, every stage
+        "num_samples": 4096,  # teacher sequences (ancestral, config.sampling) for adapt and tune
+        "sample_batch_size": 256,
+        "noise_draws": 4,  # R noise draws per sequence in the diffusion losses
+        "t_min": 0.02,  # diffusion times of tune / FCS: U[t_min, 1]
+        "csd_t_min": 0.02, "csd_t_max": 0.98,  # CSD times
+        "alpha": 1.0,  # SiD's alpha
+        "guide_steps": 5,  # K guidance updates per generator update
+        "ema_decay": 0.9999, "ema_warmup": True,  # min(ema_decay, (i + 1) / (i + 10))
+        "head_width": 0, "head_depth": 3,  # the MLP head (width 0 = the teacher's width)
+        "embed_tau": 0.2,  # the continuous embedding's tau / the smallest distance between codes
+        "compute_dtype": "float32", "sharding": "data",
+        "adapt_steps": 200, "adapt_opt": opt(1e-4, 20),  # adapt: AR fine-tuning (0 = skip)
+        "tune_steps": 1000, "tune_head_steps": 0, "tune_opt": opt(1e-3, 50),  # GTS tuning
+        # The generator's warm start on DD1's pairs before CSD (not in the paper; 0 = off).
+        "warm_steps": 0, "warm_opt": opt(1e-3, 20),
+        "csd_steps": 300, "guide_opt": opt(2e-4, 50), "gen_opt": opt(1e-4, 10),  # CSD
+        "align_steps": 0, "align_csd_steps": 0,  # performance alignment (0 = off)
+        "teacher_from": 0,  # the report's "DD2 + teacher (k-L)" row: k > 0 turns it on
+        "log_every": 50, "checkpoint_every": 200, "keep_checkpoints": 2,
+    })

@@ -9,7 +9,9 @@ Presets (the part after ':'):
   B, L         LlamaGen GPT-B / GPT-L, 256 px, VQ-16 (official checkpoints c2i_B_256.pt, ...)
   XL, XXL      GPT-XL / GPT-XXL, 384 px (576 tokens)
   XXXL         GPT-XXXL (LlamaGen's "3B" c2i), 384 px
-Extra key=value pairs override the arguments below, e.g. `:B,mode=sample_teacher`.
+Extra key=value pairs override the arguments below, e.g. `:B,mode=sample_teacher`;
+`method=dd2` (e.g. `:digits,method=dd2`) adds DD2's stages (ddjax/dd2) to mode=all and DD2's
+rows to the report, beside DD1's on the same noise and labels.
 
 Launch:
   python -m ddjax.main --config=configs/llamagen.py --workdir=/tmp/ddjax
@@ -72,11 +74,23 @@ def _digits_preset(c: mlc.ConfigDict, assets: str, small: bool = False) -> None:
                        checkpoint_every=200)
         c.dd.update(num_images=20, batch_size=20)
         c.eval.update(num_samples=200, batch_size=100, grid_size=25)
+    _digits_dd2(c, small)
+
+
+def _digits_dd2(c: mlc.ConfigDict, small: bool) -> None:
+    """DD2 on the digits teacher (method=dd2; experiments/dd2_digits has the measurements)."""
+    c.dd2.update(num_samples=2048, batch_size=32, noise_draws=2, head_depth=2,
+                 adapt_steps=100, tune_steps=400, csd_steps=300, guide_steps=2,
+                 log_every=25, checkpoint_every=100)
+    c.dd2.gen_opt.update(lr=1e-3, grad_clip=0.0)
+    if small:
+        c.dd2.update(num_samples=256, adapt_steps=20, tune_steps=40, csd_steps=20, log_every=10,
+                     checkpoint_every=20)
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     a = common.parse_arg(arg, preset="digits", mode="all", ckpt_dir="checkpoints",
-                         assets=common.DIGITS_ASSETS, size="full")
+                         assets=common.DIGITS_ASSETS, size="full", method="dd1")
     c = mlc.ConfigDict()
     c.preset = a["preset"]
     c.mode = a["mode"]
@@ -107,6 +121,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.sampling.labels = _none(str)  # e.g. "207,360,387"; None = random classes
 
     c.update(common.pipeline_blocks())
+    c.method = a["method"]  # "dd1", or "dd2": DD2's stages too, and its rows in the report
 
     preset = a["preset"]
     if preset == "digits":
@@ -127,6 +142,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                     batch_size=8)
         c.train.update(t_list=(0, 8), batch_size=16, num_steps=50, warmup_steps=5, lr=1e-3,
                        log_every=10, checkpoint_every=25, ema_decay=0.99)
+        c.dd2.update(num_samples=32, sample_batch_size=16, batch_size=8, noise_draws=2, head_depth=1,
+                     adapt_steps=4, tune_steps=4, csd_steps=4, guide_steps=2,
+                     log_every=2, checkpoint_every=2)
     elif preset in PRESETS:
         variant, image_size, split_t, ckpt = PRESETS[preset]
         c.teacher.variant = variant

@@ -19,7 +19,7 @@ LAYERS = [
      "ddjax.evaluate.scoring", "ddjax.evaluate.reference", "ddjax.evaluate.__init__"),
     ("ddjax.mapper",),
     ("ddjax.student",),
-    ("ddjax.evaluate.methods", "ddjax.evaluate.report", "ddjax.convert"),
+    ("ddjax.evaluate.methods", "ddjax.evaluate.report", "ddjax.convert", "ddjax.dd2"),
     ("ddjax.demo",),
     ("ddjax.app", "ddjax.main"),
 ]

@@ -23,6 +23,8 @@ from absl import logging
 from ddjax import sharding
 from ddjax.app import build
 from ddjax.app.settings import DD_FAMILIES, Settings, read_settings
+from ddjax.dd2 import sampling as dd2_sampling
+from ddjax.dd2 import train as dd2_train
 from ddjax.demo import digits_teacher, var_digits
 from ddjax.evaluate import report as report_lib
 from ddjax.evaluate.methods import FLOW_MAP, ONESTEP, TEACHER, build_methods, marginals
@@ -62,6 +64,11 @@ class Run:
     def student(self):
         return build.student(self.config, self.workdir, self.teacher)
 
+    @functools.cached_property
+    def generator(self):
+        """DD2's EMA generator (DD2Config, params) from WORKDIR/dd2/generator."""
+        return dd2_train.load_generator(self.workdir)
+
     def check_stage_inputs(self) -> None:
         """Checks the settings against the teacher (step boundaries, sizes) before any stage."""
         t = self.teacher
@@ -69,6 +76,10 @@ class Run:
         train_lib.check_train_settings(self.settings.train, t, sharding.batch_size_per_step(self.mesh))
         self.settings.data.check(sharding.batch_size_per_step(self.local_mesh))
         self.settings.eval.check()
+        if self.settings.method == "dd2":
+            self.settings.dd2.check(sharding.batch_size_per_step(self.mesh))
+            if self.settings.dd2.teacher_from:
+                t.check_timesteps((self.settings.dd2.teacher_from,), "config.dd2.teacher_from")
 
 
 # -- modes --------------------------------------------------------------------------------------
@@ -137,11 +148,25 @@ def _description(run: Run) -> list[str]:
             + f"; student `{c.student.checkpoint or run.workdir}`."]
 
 
+def mode_train_dd2(run: Run) -> dict:
+    """DD2's stages (adapt, tune, csd[, align]) in WORKDIR/dd2; resumable."""
+    out = dd2_train.train(run.teacher, run.settings.dd2, run.settings.sampling, workdir=run.workdir,
+                          mesh=run.mesh, seed=run.config.seed,
+                          pairs=run.pairs if run.settings.dd2.warm_steps else None)
+    run.__dict__.pop("generator", None)
+    return {k: v for k, v in out.items() if k not in ("final_state", "tuned", "adapted")}
+
+
 def _methods(run: Run, with_baseline: bool = True) -> dict:
     # The report's onestep* baseline needs the pairs' tokens: without them evaluate stops.
     marg = marginals(run.pairs, run.teacher) if with_baseline else None
-    return build_methods(run.teacher, run.student, run.settings.dd, run.settings.sampling,
-                         run.settings.flow, seed=run.settings.eval.seed, marg=marg)
+    out = build_methods(run.teacher, run.student, run.settings.dd, run.settings.sampling,
+                        run.settings.flow, seed=run.settings.eval.seed, marg=marg)
+    if run.settings.method == "dd2":
+        out.update(dd2_sampling.methods(run.teacher, run.generator, run.settings.sampling,
+                                        seed=run.settings.eval.seed,
+                                        teacher_from=run.settings.dd2.teacher_from))
+    return out
 
 
 def mode_evaluate(run: Run) -> dict:
@@ -175,11 +200,12 @@ def mode_sample(run: Run) -> dict:
 
 
 def mode_all(run: Run) -> dict:
-    """generate -> train -> evaluate, skipping what is already done."""
+    """generate -> train -> [train_dd2 ->] evaluate, skipping what is already done."""
     t0 = time.time()
-    logging.info("[1/3] pairs")
+    n = 4 if run.settings.method == "dd2" else 3
+    logging.info("[1/%d] pairs", n)
     mode_generate(run)
-    logging.info("[2/3] student (%.0f s so far)", time.time() - t0)
+    logging.info("[2/%d] student (%.0f s so far)", n, time.time() - t0)
     try:
         done = load_training_run(run.workdir)[2]["step"] >= run.settings.train.num_steps
     except (FileNotFoundError, ValueError):
@@ -188,7 +214,10 @@ def mode_all(run: Run) -> dict:
         logging.info("student already trained to step %d: skipping", run.settings.train.num_steps)
     else:
         mode_train(run)
-    logging.info("[3/3] evaluation and report (%.0f s so far)", time.time() - t0)
+    if run.settings.method == "dd2":
+        logging.info("[3/4] DD2 (%.0f s so far)", time.time() - t0)
+        mode_train_dd2(run)
+    logging.info("[%d/%d] evaluation and report (%.0f s so far)", n, n, time.time() - t0)
     result = mode_evaluate(run)
     logging.info("done in %.0f s: %s", time.time() - t0, result["report"])
     return result
@@ -208,7 +237,8 @@ DEMO_EXPORTS: dict[str, Callable[[str, str], Any]] = {
 
 MODES: dict[str, Callable[[Run], Any]] = {
     "info": mode_info, "sample_teacher": mode_sample_teacher, "generate": mode_generate,
-    "train": mode_train, "sample": mode_sample, "evaluate": mode_evaluate, "all": mode_all,
+    "train": mode_train, "train_dd2": mode_train_dd2, "sample": mode_sample,
+    "evaluate": mode_evaluate, "all": mode_all,
 }
 ALL_MODES = (*MODES, *DEMO_MODES)
 TEACHER_MODES = ("info", "sample_teacher")  # every family; the others need the DD pipeline

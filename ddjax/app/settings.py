@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
+from ddjax.dd2.settings import DD2Settings, settings_from_dict
 from ddjax.evaluate.report import EvalSettings
 from ddjax.mapper.flow import FlowSettings
 from ddjax.mapper.generate import PairSettings
@@ -24,6 +25,8 @@ T = TypeVar("T")
 SAMPLING = {"llamagen": SamplingSettings, "var": VARSamplingSettings}
 # The families DD1 runs on (pair generation, the student, the report); the others sample only.
 DD_FAMILIES = ("llamagen", "var")
+
+METHODS = ("dd1", "dd2")
 
 # config.sampling fields that are not SamplingSettings: how mode=sample_teacher runs.
 SAMPLE_TEACHER_FIELDS = ("batch_size", "num_images", "labels")
@@ -59,6 +62,18 @@ class Settings:
     sample_batch_size: int
     sample_num_images: int
     sample_labels: str | None
+    method: str = "dd1"
+    dd2: DD2Settings = DD2Settings()
+
+
+def _dd2(config: Any) -> DD2Settings:
+    if "dd2" not in config:
+        return DD2Settings()
+    try:
+        return settings_from_dict({k: (dict(v) if hasattr(v, "items") else _value(v))
+                                   for k, v in dict(config.dd2).items()})
+    except TypeError as e:
+        raise ValueError(f"config.dd2: {e}") from e
 
 
 def read_settings(config: Any) -> Settings:
@@ -81,7 +96,14 @@ def read_settings(config: Any) -> Settings:
         eval=block(EvalSettings, "eval"),
         sample_batch_size=int(s.batch_size), sample_num_images=int(s.num_images),
         sample_labels=s.labels,
+        method=config.get("method", "dd1"),
+        dd2=_dd2(config),
     )
+    if out.method not in METHODS:
+        raise ValueError(f"config.method={out.method!r}; choose one of {METHODS}")
+    if out.method == "dd2" and family != "llamagen":
+        raise ValueError(f"config.method='dd2' runs on LlamaGen teachers, not on "
+                         f"config.teacher.family={family!r}")
     if out.sample_batch_size <= 0 or out.sample_num_images <= 0:
         raise ValueError("config.sampling.batch_size and config.sampling.num_images must be positive")
     return out

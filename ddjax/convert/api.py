@@ -7,7 +7,11 @@ Five kinds of model:
            Distilled Decoding), config `DDConfig`;
   * "var"  VAR's transformer (FoundationVision/VAR models/var.py), config `VARConfig`
            (--model d16 | d20 | d24 | d30);
-  * "var_vae" VAR's multi-scale `VQVAE` (models/vqvae.py), config `VQVAEConfig`.
+  * "var_vae" VAR's multi-scale `VQVAE` (models/vqvae.py), config `VQVAEConfig`;
+  * "dd2"  DD2's generator (or guidance network), `ddjax.dd2.model.DD2Transformer` in role
+           "score", config `DD2Config`; "dd2_teacher" its adapted teacher (role "teacher").
+           DD2 has no official PyTorch code: the state dict follows the generic rule of
+           `ddjax.utils.state_dict` (README "DD2" lists the keys).
 
     params = import_torch("dd_ckpt.pt", "dd", config)           # prefers the "ema" weights
     export_torch(params, "dd", "student.pt")                     # {"model": sd, "ema": sd}
@@ -33,6 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ddjax.dd2 import model as dd2_model
+from ddjax.dd2 import settings as dd2_settings
 from ddjax.student import families as student_families
 from ddjax.student import model as dd_model
 from ddjax.student import var_loading as var_dd_loading
@@ -51,14 +57,16 @@ from ddjax.utils.checkpoint import config_to_dict, load_params, read_meta, save_
 from ddjax.utils.state_dict import check_params, flax_to_torch, torch_to_flax
 from ddjax.utils.torch_io import StateDict, read_state_dict, write_state_dict
 
-KINDS = ("gpt", "vq", "dd", "var", "var_vae", "var_dd")
+KINDS = ("gpt", "vq", "dd", "var", "var_vae", "var_dd", "dd2", "dd2_teacher")
+DD2_KINDS = ("dd2", "dd2_teacher")
 VAR_KINDS = ("var", "var_vae", "var_dd")
 # Where `.pt` exports put the weights: LlamaGen's samplers read checkpoint["model"]; the DD
 # evaluation script reads checkpoint["ema"] with --ema and checkpoint["model"] without.
 NEST_UNDER: dict[str, tuple[str, ...]] = {"gpt": ("model",), "vq": ("model",), "dd": ("model", "ema"),
                                           "var": (), "var_vae": (),
                                           # the official VAR-DD sampler reads these two
-                                          "var_dd": ("trainer.ema_parameters", "trainer.var_wo_ddp")}
+                                          "var_dd": ("trainer.ema_parameters", "trainer.var_wo_ddp"),
+                                          "dd2": ("model",), "dd2_teacher": ("model",)}
 # LlamaGen's VectorQuantizer registers a usage counter when codebook_show_usage (the default).
 VQ_USAGE_KEY = "quantize.codebook_used"
 VQ_USAGE_SIZE = 65536
@@ -105,6 +113,9 @@ def build_config(kind: str, model: str | None = None, overrides: dict[str, Any] 
     if kind == "gpt":
         return gpt_config(model or "GPT-B", **overrides)
     codebook_dim = int(overrides.pop("codebook_dim", 8))
+    if kind in DD2_KINDS:
+        own = {k: overrides.pop(k) for k in ("head_width", "head_depth") if k in overrides}
+        return dd2_model.dd2_config(gpt_config(model or "GPT-B", **overrides), codebook_dim, **own)
     return dd_config(gpt_config(model or "GPT-B", **overrides), codebook_dim)
 
 
@@ -115,6 +126,8 @@ def config_to_meta(kind: str, config: Any) -> dict[str, Any]:
         return {**config_to_dict(config.gpt), "codebook_dim": int(config.codebook_dim)}
     if kind == "var_dd":
         return student_families.VAR.to_json(config)
+    if kind in DD2_KINDS:
+        return dd2_settings.config_to_json(config)
     return config_to_dict(config)
 
 
@@ -124,6 +137,8 @@ def config_from_meta(kind: str, meta: dict[str, Any]) -> Any:
     cfg = dict(meta.get("model_config", meta))
     if kind == "var_dd":
         return student_families.VAR.from_json(cfg)
+    if kind in DD2_KINDS:
+        return dd2_settings.config_from_json(cfg)
     if isinstance(cfg.get("gpt"), dict):  # a DDConfig stored nested: {"gpt": {...}, "codebook_dim"}
         cfg = {**cfg.pop("gpt"), **cfg}
     cls = {"vq": VQConfig, "var": VARConfig, "var_vae": VQVAEConfig}.get(kind, GPTConfig)
@@ -145,7 +160,9 @@ def init_fn(kind: str):
     _check_kind(kind)
     return {"gpt": gpt_lib.init_params, "vq": vq_lib.init_params, "dd": dd_model.init_params,
             "var": var_model.init_params, "var_vae": var_vqvae.init_params,
-            "var_dd": var_dd_model.init_params}[kind]
+            "var_dd": var_dd_model.init_params,
+            "dd2": lambda c, rng: dd2_model.init_params(c, "score", rng),
+            "dd2_teacher": lambda c, rng: dd2_model.init_params(c, "teacher", rng)}[kind]
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,1 +1,1 @@
-"""DD2 (conditional score distillation, ../shared/dd2.md): work in progress on this branch."""
+"""DD2: conditional score distillation (networks `model`, stages `train`, samplers `sampling`)."""

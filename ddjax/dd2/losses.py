@@ -38,4 +38,37 @@ def csd_loss(q: Array, eps: Array, t: Array, teacher_score: ScoreFn, fake_score:
     return jnp.mean(jnp.sum(w * per, -1))
 
 
-__all__ = ["csd_loss", "ScoreFn"]
+
+# -- the x_0 (denoiser) form used in training --------------------------------------------------
+# (x_t [.., L, d], t [.., L], prefix [B, L, d]) -> E[x_0 | x_t] [.., L, d]
+MeanFn = Callable[[Array, Array, Array], Array]
+
+
+def csd_loss_x0(q: Array, eps: Array, t: Array, teacher_mean: MeanFn, fake_mean: MeanFn, *,
+                alpha: float = 1.0) -> Array:
+    """`csd_loss` in denoiser form: with s = -(x - (1 - t) m) / t^2 the score-form terms are
+    (1 - t)^2 / t^4 times these, so this is `csd_loss` with weight t^4 / (1 - t)^2:
+
+        L = mean_{B, n} [ (1 - alpha) |m_T - m_F|^2 + (m_T - m_F) . (m_F - q) ]
+
+    It is bounded as t -> 0 (the score form grows as 1 / t^2). The mean (not the sum) over
+    positions keeps the learning rate independent of L. q, eps [B, n, d], t [B, n].
+    """
+    prefix = jax.lax.stop_gradient(q)
+    tt = t[..., None]
+    x = (1.0 - tt) * q + tt * eps
+    m_t = teacher_mean(x, t, prefix)
+    m_f = fake_mean(x, t, prefix)
+    diff = m_t - m_f
+    per = (1.0 - alpha) * jnp.sum(diff * diff, -1) + jnp.sum(diff * (m_f - q), -1)
+    return jnp.mean(per)
+
+
+def velocity_loss(v: Array, target: Array) -> Array:
+    """mean over everything but d of |v - target|^2 (summed over d): the FCS loss with target
+    eps - q (denoising score matching in velocity form) and the GTS loss with the teacher's
+    closed-form velocity (x_t - m_T) / t."""
+    return jnp.mean(jnp.sum(jnp.square(v - target), -1))
+
+
+__all__ = ["csd_loss", "csd_loss_x0", "velocity_loss", "ScoreFn", "MeanFn"]

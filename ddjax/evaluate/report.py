@@ -202,6 +202,9 @@ def paper_shape_checks(results: dict) -> list[tuple[str, bool]]:
     if two and "teacher-involved" in fid:
         checks.append((f"teacher-involved FID ({fid['teacher-involved']:.2f}) better than {two} "
                        f"({fid[two]:.2f})", fid["teacher-involved"] < fid[two]))
+    if "DD2 1-step" in fid and "DD 1-step" in fid:
+        checks.append((f"DD2 1-step FID ({fid['DD2 1-step']:.2f}) better than DD 1-step "
+                       f"({fid['DD 1-step']:.2f})", fid["DD2 1-step"] < fid["DD 1-step"]))
     if t is not None and ONESTEP in fid:
         checks.append((f"onestep* FID ({fid[ONESTEP]:.2f}) >= 5x the teacher's ({t:.2f})",
                        fid[ONESTEP] >= 5 * t))

@@ -1,0 +1,581 @@
+r"""DD2's training pipeline (dd2.md §4–5): resumable stages under WORKDIR/dd2/.
+
+    result = train(teacher, DD2Settings(...), sampling_settings, workdir=WORKDIR, mesh=mesh)
+
+  samples   teacher token sequences (ancestral sampling, the run's sampling settings) for the
+            stages that need data: `samples.npz`;
+  adapt     continuous-input adaptation (LlamaGen, dd2.md §4): the token table is put behind
+            `CodebookEmbed` (exact at the codes, smooth between them), then the whole adapted
+            teacher is fine-tuned with the AR cross-entropy on the samples (`adapt_steps`);
+            the result is DD2's teacher;
+  tune      AR-diffusion tuning with the ground-truth-score (GTS) loss: a score network (the
+            adapted teacher's backbone with an MLP head) regresses the adapted teacher's
+            closed-form velocity at R noise draws per sequence; it initialises both networks;
+  csd       the main stage: per iteration `csd.guide_steps` guidance updates (FCS: denoising
+            score matching on generated sequences, velocity form) then one generator update
+            with the CSD loss (SiD, alpha; the prefix stop-gradient); the generator's EMA
+            decays min(ema_decay, (i + 1) / (i + 10));
+  align     optional performance alignment (`align.steps` > 0): the generator is replaced by
+            its EMA and frozen while the guidance network trains alone, then `align.csd_steps`
+            more CSD iterations run.
+
+Each stage keeps Orbax checkpoints in dd2/<stage>/checkpoints and TensorBoard logs in
+dd2/<stage>/logs; a rerun restores a finished stage's last state instead of recomputing it,
+and resumes an interrupted one from its latest checkpoint with the rngs of an uninterrupted
+run (every step's randomness is fold_in(stage key, step)). The EMA generator is written to
+dd2/generator (`load_generator`), the adapted teacher to dd2/teacher (`load_adapted_teacher`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from ddjax import sharding as sharding_lib
+from ddjax.dd2 import functional as F
+from ddjax.dd2 import losses
+from ddjax.dd2 import model as model_lib
+from ddjax.dd2.settings import (
+    DD2Settings,
+    OptSettings,
+    config_from_json,
+    config_to_json,
+    model_config,
+    settings_from_dict,
+)
+from ddjax.student.train import NonFiniteError, fsdp_spec
+from ddjax.teacher.base import Teacher
+from ddjax.teacher.llamagen.sampling import SamplingSettings
+from ddjax.utils import optim
+from ddjax.utils.checkpoint import load_params, save_params
+from ddjax.utils.metrics import create_writer
+
+DD2_DIR = "dd2"
+GENERATOR_DIR = "generator"
+TEACHER_DIR = "teacher"
+SAMPLES_FILE = "samples.npz"
+STAGES = ("adapt", "tune", "csd", "align", "csd_after")
+
+
+# -- the generic resumable stage --------------------------------------------------------------
+def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def shardings_for(abstract: Any, mesh: Any, mode: str) -> Any:
+    fsdp = mesh.shape.get("fsdp", 1) if mode == "fsdp" else 1
+    return jax.tree_util.tree_map(lambda a: jax.sharding.NamedSharding(mesh, fsdp_spec(a.shape, fsdp)),
+                                  abstract)
+
+
+def latest_step(directory: str) -> int | None:
+    """The newest finished checkpoint step of a stage directory (None when there is none)."""
+    path = os.path.join(directory, "checkpoints")
+    steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+    return max(steps) if steps else None
+
+
+def check_inputs(name: str, directory: str, inputs: dict[str, int]) -> None:
+    """Records which stage steps a stage started from (inputs.json) and refuses to continue it
+    from others: a finished or half-done stage built on other weights is never reused."""
+    path = os.path.join(directory, "inputs.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != inputs:
+            was = ", ".join(f"{k} step {v}" for k, v in old.items())
+            now = ", ".join(f"{k} step {v}" for k, v in inputs.items())
+            raise ValueError(f"dd2/{name} was started from {was}, but now {now} comes before it; "
+                             f"delete {directory} (and the stages after it) to redo it")
+    elif sharding_lib.is_writer():
+        os.makedirs(directory, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(inputs, f)
+        os.replace(path + ".tmp", path)
+
+
+def run_stage(name: str, directory: str, *, init: Callable[..., Any], init_args: tuple = (),
+              step: Callable, args: tuple, num_steps: int, s: DD2Settings, mesh: Any, rng: jax.Array,
+              batch: Callable[[int], Any] | None = None,
+              inputs: dict[str, int] | None = None) -> tuple[Any, dict]:
+    """Runs (or resumes, or restores when finished) one stage.
+
+    init(*init_args) -> the initial state (a dict with an int32 "step"; jitted here onto the
+    mesh; the weights it starts from come in as init_args, not as constants of the jit);
+    step(state, batch, rng, *args) -> (state, metrics {name: scalar}); batch(i) -> the host
+    batch of step i (or None). Returns (final state, {"history": [(step, metrics)], "seconds",
+    "start_step"}). Raises NonFiniteError when a metric turns NaN/inf (nothing bad is saved).
+    """
+    check_inputs(name, directory, inputs or {})
+    abstract = jax.eval_shape(init, *init_args)
+    state_sh = shardings_for(abstract, mesh, s.sharding)
+    repl = sharding_lib.replicated(mesh)
+    mngr = _manager(os.path.join(directory, "checkpoints"), s.keep_checkpoints)
+    start = mngr.latest_step()
+    if start is not None:
+        target = jax.tree_util.tree_map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh)
+        state = mngr.restore(start, args=ocp.args.StandardRestore(target))
+        if start < num_steps:
+            logging.info("dd2 %s: resuming from step %d", name, start)
+    else:
+        start = 0
+        state = jax.jit(init, out_shardings=state_sh)(*init_args)
+    out = {"history": [], "start_step": start, "seconds": 0.0}
+    if start >= num_steps:
+        logging.info("dd2 %s: finished (step %d), restored", name, start)
+        mngr.close()
+        return state, out
+    args = jax.device_put(args, repl)
+
+    def bshard(x):
+        return sharding_lib.batch_sharding(mesh, np.ndim(x))
+
+    batch_sh = None
+    if batch is not None:
+        batch_sh = jax.tree_util.tree_map(bshard, batch(start))
+    fn = jax.jit(step, in_shardings=(state_sh, batch_sh, repl, *[repl] * len(args)),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,))
+    writer = create_writer(os.path.join(directory, "logs"))
+    pending: list[tuple[int, Any]] = []
+    t0 = time.time()
+    last = (t0, start)
+    try:
+        for i in range(start, num_steps):
+            b = None
+            if batch is not None:
+                b = jax.tree_util.tree_map(lambda x, sh: sharding_lib.put_global(x, sh), batch(i), batch_sh)
+            state, m = fn(state, b, rng, *args)
+            done = i + 1
+            pending.append((done, m))
+            if done % s.log_every == 0 or done == num_steps or done % s.checkpoint_every == 0:
+                records = jax.device_get(pending)
+                pending.clear()
+                for st, vals in records:
+                    for k, v in vals.items():
+                        if not np.isfinite(v):
+                            raise NonFiniteError(
+                                f"dd2 {name} stopped: {k} = {float(v)} at step {st}; this state was not "
+                                f"saved, the latest checkpoint stays step {mngr.latest_step()}")
+                mean = {k: float(np.mean([r[1][k] for r in records])) for k in records[-1][1]}
+                now = time.time()
+                rate = (done - last[1]) / max(now - last[0], 1e-9)
+                last = (now, done)
+                writer.write_scalars(done, {**mean, "steps_per_sec": rate})
+                out["history"].append((done, mean))
+                if done % s.log_every == 0 or done == num_steps:
+                    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(mean.items()))
+                    logging.info("dd2 %s %d/%d: %s (%.2f steps/s, ETA %.0f s)", name, done, num_steps,
+                                 shown, rate, (num_steps - done) / max(rate, 1e-9))
+            if done % s.checkpoint_every == 0 or done == num_steps:
+                mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+    finally:
+        writer.close()
+        mngr.wait_until_finished()
+        mngr.close()
+    out["seconds"] = time.time() - t0
+    return state, out
+
+
+# -- stage 0: teacher samples -----------------------------------------------------------------
+def teacher_samples(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, directory: str,
+                    *, seed: int, mesh: Any) -> dict[str, np.ndarray]:
+    """N teacher sequences {"ids" [N, L] int32, "labels" [N] int32}, written once (atomically)."""
+    path = os.path.join(directory, SAMPLES_FILE)
+    if os.path.exists(path):
+        with np.load(path) as f:
+            got = {k: f[k] for k in ("ids", "labels")}
+        if got["ids"].shape == (s.num_samples, teacher.seq_len):
+            return got
+        raise ValueError(f"{path} holds {got['ids'].shape} samples, config.dd2.num_samples="
+                         f"{s.num_samples} and L={teacher.seq_len} want {(s.num_samples, teacher.seq_len)}; "
+                         "use a new workdir or delete it")
+    bs = s.sample_batch_size
+    n_cls = max(teacher.num_classes, 1)
+    labels = (np.arange(s.num_samples) % n_cls).astype(np.int32)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 7)
+    placed = teacher.with_params(jax.device_put(teacher.params, sharding_lib.replicated(mesh)))
+    ids, t0 = [], time.time()
+    for start in range(0, s.num_samples, bs):
+        lab = labels[start:start + bs]
+        pad = np.pad(lab, (0, bs - len(lab)))
+        out = placed.sample(jnp.asarray(pad), jax.random.fold_in(key, start), settings, mesh=mesh)
+        ids.append(np.asarray(out)[: len(lab)])
+        logging.info("dd2 teacher samples %d/%d (%.1f/s)", start + len(lab), s.num_samples,
+                     (start + len(lab)) / (time.time() - t0))
+    got = {"ids": np.concatenate(ids).astype(np.int32), "labels": labels}
+    if sharding_lib.is_writer():
+        os.makedirs(directory, exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **got)
+        os.replace(tmp, path)
+    return got
+
+
+def sample_batch(data: dict[str, np.ndarray], size: int, seed: int, stage: int):
+    """batch(i): `size` rows drawn with replacement by (seed, stage, i): a function of i alone."""
+    n = len(data["ids"])
+
+    def batch(i: int) -> dict[str, np.ndarray]:
+        rows = np.random.default_rng((seed, stage, i)).integers(0, n, size)
+        return {"ids": data["ids"][rows], "labels": data["labels"][rows]}
+
+    return batch
+
+
+# -- stage 1: continuous-input adaptation ------------------------------------------------------
+def embedding_error(params: Any, cfg: model_lib.DD2Config, table: jax.Array, codebook: jax.Array
+                    ) -> float:
+    """|embed(C) - E| / |E| over the codebook: how far the continuous embedding is from the
+    teacher's token table at the codes."""
+    model = model_lib.DD2Transformer(cfg, "teacher")
+    pred = model.apply({"params": params}, codebook, method=model_lib.DD2Transformer.embed)
+    return float(jnp.sqrt(jnp.sum(jnp.square(pred - table)) / jnp.sum(table * table)))
+
+
+def adapt_step(cfg: model_lib.DD2Config, tx: optax.GradientTransformation):
+    """AR cross-entropy on teacher samples fed as codes, with the teacher's class dropout (so
+    the null class, and with it CFG, stays trained)."""
+    p_drop = float(cfg.gpt.class_dropout_prob)
+
+    def step(state, batch, rng, codebook):
+        key = jax.random.fold_in(rng, state["step"])
+        ids, labels = batch["ids"], batch["labels"]
+        drop = jax.random.uniform(key, labels.shape) < p_drop if p_drop > 0 else None
+
+        def loss_fn(p):
+            logits = F.teacher_logits(p, cfg, codebook[ids], labels, drop)
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], -1))
+
+        loss, g = jax.value_and_grad(loss_fn)(state["params"])
+        u, opt = tx.update(g, state["opt"], state["params"])
+        return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"], u), "opt": opt},
+                {"ce": loss, "l2_grads": optax.global_norm(g)})
+
+    return step
+
+
+# -- stage 2: AR-diffusion tuning (GTS) ---------------------------------------------------------
+def draw_noised(key: jax.Array, q: jax.Array, draws: int, t_min: float):
+    """R draws of (eps, t, x_t) per sequence: [B, R, L, d], [B, R, L], [B, R, L, d]."""
+    b, n, d = q.shape
+    k1, k2 = jax.random.split(key)
+    eps = jax.random.normal(k1, (b, draws, n, d), jnp.float32)
+    t = jax.random.uniform(k2, (b, draws, n), jnp.float32, t_min, 1.0)
+    x = (1.0 - t[..., None]) * q[:, None] + t[..., None] * eps
+    return eps, t, x
+
+
+def gts_loss(params, cfg, teacher_params, q, labels, key, codebook, settings, s: DD2Settings):
+    """|v(x_t, t | q_<i) - (x_t - m_T) / t|^2, m_T the adapted teacher's posterior mean."""
+    log_p = jax.lax.stop_gradient(F.teacher_log_probs(teacher_params, cfg, q, labels, settings))
+    _, t, x = draw_noised(key, q, s.noise_draws, s.t_min)
+    target = (x - F.mixture_mean(x, t, log_p, codebook)) / t[..., None]
+    return losses.velocity_loss(F.velocity(params, cfg, q, labels, x, t), target)
+
+
+def tune_step(cfg, tx, settings: SamplingSettings, s: DD2Settings, head_only_until: int):
+    def step(state, batch, rng, teacher_params, codebook):
+        key = jax.random.fold_in(rng, state["step"])
+        q = codebook[batch["ids"]]
+        loss, g = jax.value_and_grad(gts_loss)(state["params"], cfg, teacher_params, q, batch["labels"],
+                                               key, codebook, settings, s)
+        if head_only_until > 0:
+            keep = state["step"] >= head_only_until
+            g = {k: (v if k == "head" else jax.tree_util.tree_map(lambda x: jnp.where(keep, x, 0.0), v))
+                 for k, v in g.items()}
+        u, opt = tx.update(g, state["opt"], state["params"])
+        return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"], u), "opt": opt},
+                {"gts": loss, "l2_grads": optax.global_norm(g)})
+
+    return step
+
+
+# -- optional: the generator's warm start on DD1's pairs ---------------------------------------
+class PairBatches:
+    """batch(i) over a PairDataset's resumable order (i must not go backwards)."""
+
+    def __init__(self, dataset: Any, size: int, seed: int):
+        self.dataset, self.size, self.seed = dataset, size, seed
+        self.it, self.last = None, (None, None)
+
+    def __call__(self, i: int) -> dict[str, np.ndarray]:
+        if self.last[0] == i:
+            return self.last[1]
+        if self.it is None:
+            self.it = self.dataset.batches(self.size, seed=self.seed, start_step=i)
+        b = next(self.it)
+        out = {"noise": np.asarray(b["noise"], np.float32), "tokens": np.asarray(b["tokens"], np.int32),
+               "labels": np.asarray(b["labels"], np.int32)}
+        self.last = (i, out)
+        return out
+
+
+def warm_step(cfg, tx):
+    """|G(noise) - codebook[tokens]|^2 on (noise, tokens) pairs of the flow map."""
+
+    def step(state, batch, rng, codebook):
+        del rng
+
+        def loss_fn(p):
+            q = F.generate(p, cfg, batch["noise"], batch["labels"])
+            return losses.velocity_loss(q, codebook[batch["tokens"]])
+
+        loss, g = jax.value_and_grad(loss_fn)(state["params"])
+        u, opt = tx.update(g, state["opt"], state["params"])
+        return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"], u), "opt": opt},
+                {"mse": loss, "l2_grads": optax.global_norm(g)})
+
+    return step
+
+
+# -- stage 3: conditional score distillation ---------------------------------------------------
+def fcs_loss(guide, cfg, q, labels, key, s: DD2Settings):
+    """Denoising score matching of the guidance network on generated q (velocity form)."""
+    eps, t, x = draw_noised(key, q, s.noise_draws, s.t_min)
+    return losses.velocity_loss(F.velocity(guide, cfg, q, labels, x, t), eps - q[:, None])
+
+
+def generator_loss(gen, guide, cfg, teacher_params, eps_gen, labels, key, codebook, settings,
+                   s: DD2Settings):
+    """The CSD loss of G(eps_gen) (x_0 form, `losses.csd_loss_x0`)."""
+    q = F.generate(gen, cfg, eps_gen, labels)
+    k1, k2 = jax.random.split(key)
+    eps = jax.random.normal(k1, q.shape, jnp.float32)
+    t = jax.random.uniform(k2, q.shape[:2], jnp.float32, s.csd_t_min, s.csd_t_max)
+    guide = jax.lax.stop_gradient(guide)
+
+    def teacher_mean(x, tt, prefix):
+        log_p = jax.lax.stop_gradient(F.teacher_log_probs(teacher_params, cfg, prefix, labels, settings))
+        return F.mixture_mean(x, tt, log_p, codebook)
+
+    def fake_mean(x, tt, prefix):
+        return F.denoised(guide, cfg, prefix, labels, x, tt)
+
+    return losses.csd_loss_x0(q, eps, t, teacher_mean, fake_mean, alpha=s.alpha), q
+
+
+def random_inputs(key: jax.Array, b: int, cfg: model_lib.DD2Config):
+    k1, k2 = jax.random.split(key)
+    labels = jax.random.randint(k1, (b,), 0, cfg.gpt.num_classes)
+    eps = jax.random.normal(k2, (b, cfg.seq_len, cfg.code_dim), jnp.float32)
+    return eps, labels
+
+
+def guide_updates(state, key, cfg, tx_guide, s: DD2Settings, b: int, count: int):
+    """`count` FCS updates of state["guide"] on fresh generator samples."""
+
+    def one(carry, k):
+        guide, opt = carry
+        kk = jax.random.fold_in(key, k)
+        eps_gen, labels = random_inputs(jax.random.fold_in(kk, 0), b, cfg)
+        q = jax.lax.stop_gradient(F.generate(state["gen"], cfg, eps_gen, labels))
+        loss, g = jax.value_and_grad(fcs_loss)(guide, cfg, q, labels, jax.random.fold_in(kk, 1), s)
+        u, opt = tx_guide.update(g, opt, guide)
+        return (optax.apply_updates(guide, u), opt), loss
+
+    (guide, opt), fl = jax.lax.scan(one, (state["guide"], state["guide_opt"]), jnp.arange(count))
+    return guide, opt, jnp.mean(fl)
+
+
+def csd_step(cfg, tx_gen, tx_guide, settings: SamplingSettings, s: DD2Settings, b: int,
+             train_generator: bool = True):
+    """One iteration: K guidance updates, then (unless aligning) one generator update + EMA."""
+
+    def step(state, batch, rng, teacher_params, codebook):
+        del batch
+        key = jax.random.fold_in(rng, state["step"])
+        guide, guide_opt, fl = guide_updates(state, jax.random.fold_in(key, 0), cfg, tx_guide, s, b,
+                                             s.guide_steps)
+        metrics = {"fcs": fl}
+        new = {**state, "step": state["step"] + 1, "guide": guide, "guide_opt": guide_opt}
+        if train_generator:
+            eps_gen, labels = random_inputs(jax.random.fold_in(key, 1), b, cfg)
+            (loss, q), g = jax.value_and_grad(generator_loss, has_aux=True)(
+                state["gen"], guide, cfg, teacher_params, eps_gen, labels, jax.random.fold_in(key, 2),
+                codebook, settings, s)
+            u, gen_opt = tx_gen.update(g, state["gen_opt"], state["gen"])
+            gen = optax.apply_updates(state["gen"], u)
+            decay = optim.ema_decay_at(state["gen_step"], s.ema_decay, s.ema_warmup)
+            new.update(gen=gen, gen_opt=gen_opt, gen_ema=optim.ema_update(state["gen_ema"], gen, decay),
+                       gen_step=state["gen_step"] + 1)
+            metrics.update(csd=loss, l2_grads_gen=optax.global_norm(g), q_norm=jnp.mean(
+                jnp.linalg.norm(q, axis=-1)))
+        return new, metrics
+
+    return step
+
+
+# -- saved outputs ----------------------------------------------------------------------------
+def dd2_dir(workdir: str) -> str:
+    return os.path.join(workdir, DD2_DIR)
+
+
+def load_generator(workdir_or_dir: str) -> tuple[model_lib.DD2Config, Any]:
+    """(DD2Config, EMA generator params) from WORKDIR (or WORKDIR/dd2/generator)."""
+    d = workdir_or_dir
+    if not os.path.exists(os.path.join(d, "ddjax.json")):
+        d = os.path.join(dd2_dir(d), GENERATOR_DIR)
+    params, meta = load_params(d, kind="dd2")
+    return config_from_json(meta["model_config"]), params
+
+
+def load_adapted_teacher(workdir_or_dir: str) -> tuple[model_lib.DD2Config, Any]:
+    d = workdir_or_dir
+    if not os.path.exists(os.path.join(d, "ddjax.json")):
+        d = os.path.join(dd2_dir(d), TEACHER_DIR)
+    params, meta = load_params(d, kind="dd2_teacher")
+    return config_from_json(meta["model_config"]), params
+
+
+def _save(directory: str, params: Any, kind: str, cfg: model_lib.DD2Config, source: str) -> None:
+    if sharding_lib.is_writer():
+        save_params(directory, jax.device_get(params), kind=kind, model_config=config_to_json(cfg),
+                    source=source, overwrite=True)
+
+
+# -- the pipeline -----------------------------------------------------------------------------
+def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workdir: str, mesh: Any,
+          seed: int = 0, pairs: Any = None) -> dict:
+    """Runs the stages (module docstring) in WORKDIR/dd2; returns per-stage histories and
+    seconds, the adaptation's embedding error and the paths of the saved networks. pairs: DD1's
+    PairDataset, needed with warm_steps > 0."""
+    if s.warm_steps and pairs is None:
+        raise ValueError("config.dd2.warm_steps > 0 needs DD1's pairs (run the pair stage first)")
+    s.check(sharding_lib.batch_size_per_step(mesh))
+    cfg = model_config(teacher, s)
+    root = dd2_dir(workdir)
+    os.makedirs(root, exist_ok=True)
+    meta_path = os.path.join(root, "dd2.json")
+    meta = {"model_config": config_to_json(cfg), "settings": s.to_json(),
+            "teacher": {"variant": teacher.variant, "checkpoint": teacher.checkpoint}}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old["model_config"] != meta["model_config"]:
+            raise ValueError(f"{root} holds DD2 networks of another model config; use a new workdir")
+    if sharding_lib.is_writer():
+        with open(meta_path, "w") as f:
+            json.dump(meta, f, indent=2)
+    codebook = jnp.asarray(teacher.codebook, jnp.float32)
+    key = jax.random.PRNGKey(seed)
+    result: dict[str, Any] = {"stages": {}}
+    t_start = time.time()
+
+    data = None
+    if s.adapt_steps or s.tune_steps:
+        t0 = time.time()
+        data = teacher_samples(teacher, s, settings, root, seed=seed, mesh=mesh)
+        result["samples_seconds"] = time.time() - t0
+
+    # adapt
+    t0 = time.time()
+    table = jnp.asarray(teacher.params["tok_embeddings"]["embedding"], jnp.float32)
+    tx = s.adapt_opt.make(s.adapt_steps)
+
+    def adapt_init(p):
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt": tx.init(p)}
+
+    adapt_dir = os.path.join(root, "adapt")
+    start = model_lib.adapt_teacher(cfg, teacher.params, codebook, jax.random.fold_in(key, 10),
+                                    s.embed_tau)
+    result["adapt_embedding_error"] = embedding_error(start, cfg, table, codebook)
+    logging.info("dd2 adapt: the continuous embedding is %.2e (relative) from the token table at "
+                 "the codes", result["adapt_embedding_error"])
+    state, hist = run_stage("adapt", adapt_dir, init=adapt_init, init_args=(start,),
+                            step=adapt_step(cfg, tx), args=(codebook,), num_steps=s.adapt_steps,
+                            s=s, mesh=mesh, rng=jax.random.fold_in(key, 1),
+                            batch=sample_batch(data, s.batch_size, seed, 1) if data else None)
+    adapted = state["params"]
+    result["stages"]["adapt"] = {**hist, "wall": time.time() - t0}
+    _save(os.path.join(root, TEACHER_DIR), adapted, "dd2_teacher", cfg, teacher.checkpoint)
+
+    # tune
+    t0 = time.time()
+    tx = s.tune_opt.make(s.tune_steps)
+
+    def tune_init(adapted):
+        p = model_lib.score_from_teacher(cfg, adapted, jax.random.fold_in(key, 20))
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt": tx.init(p)}
+
+    state, hist = run_stage("tune", os.path.join(root, "tune"), init=tune_init, init_args=(adapted,),
+                            inputs={"adapt": s.adapt_steps},
+                            step=tune_step(cfg, tx, settings, s, s.tune_head_steps),
+                            args=(adapted, codebook), num_steps=s.tune_steps, s=s, mesh=mesh,
+                            rng=jax.random.fold_in(key, 2),
+                            batch=sample_batch(data, s.batch_size, seed, 2) if data else None)
+    tuned = state["params"]
+    result["stages"]["tune"] = {**hist, "wall": time.time() - t0}
+
+    # csd (+ optional alignment and more csd)
+    tx_gen, tx_guide = s.gen_opt.make(s.csd_steps), s.guide_opt.make(s.csd_steps * s.guide_steps)
+
+    generator = tuned
+    if s.warm_steps:
+        t0 = time.time()
+        tx = s.warm_opt.make(s.warm_steps)
+
+        def warm_init(p):
+            return {"step": jnp.zeros((), jnp.int32), "params": p, "opt": tx.init(p)}
+
+        state, hist = run_stage("warm", os.path.join(root, "warm"), init=warm_init, init_args=(tuned,),
+                                inputs={"adapt": s.adapt_steps, "tune": s.tune_steps},
+                                step=warm_step(cfg, tx), args=(codebook,), num_steps=s.warm_steps, s=s,
+                                mesh=mesh, rng=jax.random.fold_in(key, 9),
+                                batch=PairBatches(pairs, s.batch_size, seed))
+        generator = state["params"]
+        result["stages"]["warm"] = {**hist, "wall": time.time() - t0}
+
+    def csd_init(start):
+        gen, guide = start
+        copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731
+        return {"step": jnp.zeros((), jnp.int32), "gen_step": jnp.zeros((), jnp.int32),
+                "gen": copy(gen), "gen_ema": copy(gen), "gen_opt": tx_gen.init(gen), "guide": copy(guide),
+                "guide_opt": tx_guide.init(guide)}
+
+    def restart(state, gen_from_ema: bool = False):
+        out = {**state, "step": jnp.zeros((), jnp.int32)}
+        return {**out, "gen": state["gen_ema"]} if gen_from_ema else out
+
+    b = s.batch_size
+    before = {"adapt": s.adapt_steps, "tune": s.tune_steps, "warm": s.warm_steps}
+    stages = [("csd", s.csd_steps, csd_init, True, s)]
+    if s.align_steps:
+        stages.append(("align", s.align_steps, lambda st: restart(st, True), False,
+                       dataclasses.replace(s, guide_steps=1)))
+        if s.align_csd_steps:
+            stages.append(("csd_after", s.align_csd_steps, restart, True, s))
+    state = (generator, tuned)
+    for i, (name, steps, init, train_gen, ss) in enumerate(stages):
+        t0 = time.time()
+        state, hist = run_stage(name, os.path.join(root, name), init=init, init_args=(state,),
+                                inputs=dict(before),
+                                step=csd_step(cfg, tx_gen, tx_guide, settings, ss, b, train_gen),
+                                args=(adapted, codebook), num_steps=steps, s=s, mesh=mesh,
+                                rng=jax.random.fold_in(key, 3 + i))
+        result["stages"][name] = {**hist, "wall": time.time() - t0}
+        before[name] = steps
+    gen_dir = os.path.join(root, GENERATOR_DIR)
+    _save(gen_dir, state["gen_ema"], "dd2", cfg, teacher.checkpoint)
+    result.update(generator_dir=gen_dir, teacher_dir=os.path.join(root, TEACHER_DIR),
+                  seconds=time.time() - t_start, final_state=state, tuned=tuned, adapted=adapted,
+                  config=cfg)
+    return result
+
+
+__all__ = ["DD2Settings", "OptSettings", "settings_from_dict", "train", "load_generator",
+           "load_adapted_teacher", "run_stage", "generator_loss", "fcs_loss", "gts_loss",
+           "csd_step", "tune_step", "adapt_step", "embedding_error", "model_config", "STAGES"]

@@ -1,0 +1,187 @@
+"""DD2's networks and pipeline on tiny LlamaGen teachers: the adapted teacher equals the teacher
+at the codes, the generator and guidance network are causal as DD2 wires them, the CSD loss in
+x_0 form is the score form with weight t^4 / (1 - t)^2, and the stages resume to the
+uninterrupted run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import llamagen
+import numpy as np
+import pytest
+from helpers import random_params, read_scalars, teacher_of
+
+from ddjax.app import build
+from ddjax.app.settings import read_settings
+from ddjax.dd2 import functional as F
+from ddjax.dd2 import losses
+from ddjax.dd2 import model as M
+from ddjax.dd2 import score as score_lib
+from ddjax.dd2 import train as T
+from ddjax.dd2.settings import settings_from_dict
+from ddjax.teacher.llamagen.sampling import SamplingSettings
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_gpt):
+    cfg, params = tiny_gpt
+    codebook = np.array(jax.random.normal(jax.random.PRNGKey(3), (cfg.vocab_size, 8)))
+    codebook /= np.linalg.norm(codebook, axis=-1, keepdims=True)
+    return teacher_of(cfg, params, codebook)
+
+
+def test_the_adapted_teacher_equals_the_teacher_at_the_codes(teacher):
+    cfg = M.dd2_config(teacher.config, teacher.code_dim)
+    adapted = M.adapt_teacher(cfg, teacher.params, jnp.asarray(teacher.codebook), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, teacher.vocab_size, (3, teacher.seq_len)).astype(np.int32)
+    labels = np.array([0, 4, 9], np.int32)
+    for settings in (SamplingSettings(), SamplingSettings(cfg_scale=2.0, top_k=20)):
+        want = np.asarray(teacher.log_probs(ids, labels, settings))
+        got = np.asarray(F.teacher_log_probs(adapted, cfg, jnp.asarray(teacher.codebook)[ids],
+                                             jnp.asarray(labels), settings))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(got[fin], want[fin], rtol=0, atol=1e-4)
+    # Between codes the embedding interpolates: a point half-way between two codes gets a mix.
+    c = jnp.asarray(teacher.codebook)
+    e = M.DD2Transformer(cfg, "teacher").apply({"params": adapted}, 0.5 * (c[0] + c[1])[None],
+                                               method=M.DD2Transformer.embed)
+    table = teacher.params["tok_embeddings"]["embedding"]
+    assert float(jnp.linalg.norm(e[0] - table[0])) > 1e-3 or float(jnp.linalg.norm(e[0] - table[1])) > 1e-3
+
+
+def test_generator_and_guidance_are_causal(teacher):
+    cfg = M.dd2_config(teacher.config, teacher.code_dim, head_depth=1)
+    params = random_params(M.init_params(cfg, "score", jax.random.PRNGKey(1)), scale=0.1)
+    n, d = teacher.seq_len, teacher.code_dim
+    eps = jax.random.normal(jax.random.PRNGKey(2), (1, n, d))
+    lab = jnp.array([3])
+    jac = jax.jacobian(lambda e: F.generate(params, cfg, e, lab)[0])(eps)[:, :, 0]  # [n, d, n, d]
+    dep = np.abs(np.asarray(jac)).sum((1, 3))  # [i, j]: d q_i / d eps_j
+    assert np.all(dep[np.triu_indices(n, 1)] == 0), "q_i depends on later noise"
+    assert np.all(np.diag(dep) > 0) and dep[n - 1, 0] > 0  # its own noise (head) and earlier (backbone)
+
+    x = jax.random.normal(jax.random.PRNGKey(4), (1, n, d))
+    t = jnp.full((1, n), 0.5)
+    jp = jax.jacobian(lambda q: F.velocity(params, cfg, q, lab, x, t)[0])(eps)[:, :, 0]
+    dp = np.abs(np.asarray(jp)).sum((1, 3))
+    assert np.all(dp[np.triu_indices(n)] == 0), "the guidance at i reads prefix tokens >= i"
+    assert dp[n - 1, 0] > 0
+    jx = jax.jacobian(lambda xx: F.velocity(params, cfg, eps, lab, xx, t)[0])(x)[:, :, 0]
+    dx = np.abs(np.asarray(jx)).sum((1, 3))
+    np.testing.assert_array_equal(dx != 0, np.eye(n, dtype=bool))  # x_t only at its own position
+
+
+def test_csd_x0_form_is_the_score_form_with_weight_t4_over_1_minus_t_squared():
+    rng = np.random.default_rng(0)
+    b, n, d, k = 2, 3, 2, 5
+    q = jnp.asarray(rng.standard_normal((b, n, d)), jnp.float32)
+    eps = jnp.asarray(rng.standard_normal((b, n, d)), jnp.float32)
+    t = jnp.asarray(rng.uniform(0.2, 0.8, (b, n)), jnp.float32)
+    codebook = jnp.asarray(rng.standard_normal((k, d)), jnp.float32)
+
+    def mean_fn(shift):
+        def f(x, tt, prefix):
+            lp = jax.nn.log_softmax(jnp.cumsum(prefix, 1)[..., :1] * shift + jnp.arange(k) * shift, -1)
+            return F.mixture_mean(x, tt, jnp.broadcast_to(lp, (b, n, k)), codebook)
+        return f
+
+    def as_score(mf):
+        return lambda x, tt, prefix: -(x - (1 - tt[..., None]) * mf(x, tt, prefix)) / tt[..., None] ** 2
+
+    tm, fm = mean_fn(0.7), mean_fn(-0.4)
+    for alpha in (1.0, 1.2):
+        x0 = lambda q, a=alpha: losses.csd_loss_x0(q, eps, t, tm, fm, alpha=a)  # noqa: E731
+        sc = lambda q, a=alpha: losses.csd_loss(q, eps, t, as_score(tm), as_score(fm), alpha=a,  # noqa: E731
+                                                weight=lambda tt: tt**4 / (1 - tt) ** 2) / n
+        np.testing.assert_allclose(float(x0(q)), float(sc(q)), rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(jax.grad(x0)(q)), np.asarray(jax.grad(sc)(q)), rtol=1e-3,
+                                   atol=1e-5)
+    # The closed-form teacher mean of a row is `score.posterior_mean`'s.
+    lp = jax.nn.log_softmax(jnp.asarray(rng.standard_normal((b, n, k)), jnp.float32))
+    got = F.mixture_mean(q, t, lp, codebook)
+    want = score_lib.posterior_mean(q.reshape(-1, d), t.reshape(-1), lp.reshape(-1, k), codebook)
+    np.testing.assert_allclose(np.asarray(got).reshape(-1, d), np.asarray(want), rtol=1e-6)
+
+
+def test_settings_name_the_bad_key():
+    with pytest.raises(ValueError, match="unknown fields.*'bogus'"):
+        settings_from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="config.dd2.gen_opt has unknown fields"):
+        settings_from_dict({"gen_opt": {"lrr": 1}})
+    with pytest.raises(ValueError, match="config.dd2.csd_t_min"):
+        settings_from_dict({"csd_t_min": 0.5, "csd_t_max": 0.4}).check()
+    with pytest.raises(ValueError, match="config.dd2.batch_size=6 must be a positive multiple"):
+        settings_from_dict({"batch_size": 6}).check(4)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny config's DD2 stages, run once uninterrupted."""
+    config = llamagen.get_config("tiny,method=dd2")
+    teacher = build.build_teacher(config)
+    s = read_settings(config)
+    mesh = build.make_mesh(config)
+    wd = str(tmp_path_factory.mktemp("dd2_full"))
+    out = T.train(teacher, s.dd2, s.sampling, workdir=wd, mesh=mesh)
+    return config, teacher, s, mesh, wd, out
+
+
+def test_the_tiny_pipeline_writes_every_stage_and_a_loadable_generator(tiny_run):
+    config, teacher, s, _, wd, out = tiny_run
+    assert set(out["stages"]) == {"adapt", "tune", "csd"}
+    assert out["adapt_embedding_error"] < 1e-3
+    for name in ("adapt", "tune", "csd"):
+        assert T.latest_step(f"{wd}/dd2/{name}") == getattr(s.dd2, f"{name}_steps")
+    cfg, params = T.load_generator(wd)
+    assert cfg == out["config"]
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           params, jax.device_get(out["final_state"]["gen_ema"]))
+    # The EMA follows min(0.9999, (i + 1) / (i + 10)): after the first update it is 0.1 of the way.
+    assert len(read_scalars(f"{wd}/dd2/csd/logs")["csd"]) == s.dd2.csd_steps // s.dd2.log_every
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tiny_run, tmp_path):
+    config, teacher, s, mesh, wd, out = tiny_run
+    # Stopped after 2 of the 4 CSD iterations (the learning rates do not depend on the length)...
+    T.train(teacher, dataclasses.replace(s.dd2, csd_steps=2), s.sampling, workdir=str(tmp_path), mesh=mesh)
+    rerun = T.train(teacher, s.dd2, s.sampling, workdir=str(tmp_path), mesh=mesh)
+    assert rerun["stages"]["csd"]["start_step"] == 2 and rerun["stages"]["tune"]["start_step"] == 4
+    for name in ("gen_ema", "guide"):
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                                       rtol=0, atol=1e-6),
+                               jax.device_get(rerun["final_state"][name]),
+                               jax.device_get(out["final_state"][name]))
+    got, want = (dict(read_scalars(f"{d}/dd2/csd/logs")["csd"]) for d in (tmp_path, wd))
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-5)
+    # A later stage started from other weights is not silently continued.
+    with pytest.raises(ValueError, match="dd2/csd was started from .*tune step 4.*now .*tune step 6"):
+        T.train(teacher, dataclasses.replace(s.dd2, tune_steps=6), s.sampling, workdir=str(tmp_path),
+                mesh=mesh)
+
+
+def test_the_generator_exports_to_pytorch_and_back(tiny_run, tmp_path):
+    from ddjax.convert import api
+    from ddjax.utils.torch_io import CheckpointError, read_state_dict
+
+    _, _, _, _, wd, _ = tiny_run
+    gen_dir = f"{wd}/dd2/generator"
+    params, cfg = api.load_jax(gen_dir, "dd2")
+    for name in ("generator.safetensors", "generator.pt"):
+        path = api.jax_to_torch(gen_dir, str(tmp_path / name), "dd2")
+        state = read_state_dict(path, "model")
+        # The documented layout: the teacher's names for the backbone, the head under head.*.
+        assert {"cls_embedding.embedding_table.weight", "tok_embeddings.centers", "tok_embeddings.table",
+                "tok_embeddings.log_tau", "layers.0.attention.wqkv.weight", "norm.weight",
+                "head.input_proj.weight", "head.final_fc.bias"} <= set(state)
+        back = api.import_torch(path, "dd2", cfg)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                               back, params)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        api.torch_to_flax({k: v for k, v in state.items() if k != "norm.weight"},
+                          api.abstract_params("dd2", cfg), source="x")
