@@ -92,7 +92,7 @@ class ToySettings:
     warmup_guide_steps: int = 300  # FCS updates on the initial generator before CSD starts
     batch: int = 256
     draws: int = 4
-    lr_gen: float = 3e-4
+    lr_gen: float = 1e-3
     lr_guide: float = 1e-3
     t_min: float = 0.02
     csd_t_max: float = 0.98
