@@ -174,7 +174,7 @@ def test_the_generator_exports_to_pytorch_and_back(tiny_run, tmp_path):
     params, cfg = api.load_jax(gen_dir, "dd2")
     for name in ("generator.safetensors", "generator.pt"):
         path = api.jax_to_torch(gen_dir, str(tmp_path / name), "dd2")
-        state = read_state_dict(path, "model")
+        state = read_state_dict(path, "model" if path.endswith(".pt") else None)
         # The documented layout: the teacher's names for the backbone, the head under head.*.
         assert {"cls_embedding.embedding_table.weight", "tok_embeddings.centers", "tok_embeddings.table",
                 "tok_embeddings.log_tau", "layers.0.attention.wqkv.weight", "norm.weight",
@@ -185,3 +185,27 @@ def test_the_generator_exports_to_pytorch_and_back(tiny_run, tmp_path):
     with pytest.raises(CheckpointError, match="missing keys"):
         api.torch_to_flax({k: v for k, v in state.items() if k != "norm.weight"},
                           api.abstract_params("dd2", cfg), source="x")
+
+
+def test_with_teacher_keeps_the_generators_prefix_and_lets_the_teacher_finish(teacher):
+    from ddjax.dd2 import sampling
+    from ddjax.teacher.base import row_keys
+
+    cfg = M.dd2_config(teacher.config, teacher.code_dim, head_depth=1)
+    params = random_params(M.init_params(cfg, "score", jax.random.PRNGKey(5)), scale=0.1)
+    noise = jax.random.normal(jax.random.PRNGKey(6), (4, teacher.seq_len, teacher.code_dim))
+    labels = jnp.array([1, 2, 3, 4])
+    codebook = jnp.asarray(teacher.codebook)
+    own = np.asarray(sampling.nearest_code(F.generate(params, cfg, noise, labels), codebook))
+    keys = row_keys(jax.random.PRNGKey(7), np.arange(4))
+    settings = SamplingSettings(cfg_scale=1.5)
+    k = 5
+    ids = np.asarray(sampling.with_teacher(teacher, params, cfg, noise, labels, k, settings, keys))
+    np.testing.assert_array_equal(ids[:, :k], own[:, :k])
+    assert (ids[:, k:] != own[:, k:]).any()  # the teacher, not the generator, drew the rest
+    # Each row's continuation depends on its own key only (rows 2-3 alone give the same tokens).
+    alone = np.asarray(sampling.with_teacher(teacher, params, cfg, noise[2:], labels[2:], k, settings,
+                                             keys[2:]))
+    np.testing.assert_array_equal(alone, ids[2:])
+    np.testing.assert_array_equal(np.asarray(sampling.one_step(params, cfg, noise, labels, codebook)),
+                                  np.asarray(codebook)[own])

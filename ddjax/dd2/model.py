@@ -98,7 +98,8 @@ class CodebookEmbed(nn.Module):
                              self.param_dtype)
         table = self.param("table", nn.initializers.normal(0.02), (self.vocab_size, self.dim),
                            self.param_dtype)
-        log_tau = self.param("log_tau", nn.initializers.zeros, (), self.param_dtype)
+        # [1], not a scalar: state-dict formats (safetensors) store 0-d tensors as [1].
+        log_tau = self.param("log_tau", nn.initializers.zeros, (1,), self.param_dtype)[0]
         xf = x.astype(jnp.float32)
         d2 = (jnp.sum(xf * xf, -1, keepdims=True) - 2.0 * xf @ centers.T.astype(jnp.float32)
               + jnp.sum(jnp.square(centers.astype(jnp.float32)), -1))
@@ -244,7 +245,7 @@ def adapt_teacher(config: DD2Config, teacher_params: Any, codebook: jax.Array, r
         raise ValueError(f"the teacher's token table is {table.shape}, this network's "
                          f"{fresh['tok_embeddings']['table'].shape}")
     out["tok_embeddings"] = {"centers": jnp.asarray(codebook, jnp.float32), "table": table,
-                             "log_tau": jnp.log(embed_tau(codebook, tau_ratio))}
+                             "log_tau": jnp.log(embed_tau(codebook, tau_ratio)).reshape(1)}
     return out
 
 

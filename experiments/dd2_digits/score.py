@@ -1,7 +1,11 @@
-r"""Scores a DD2 generator of the digits demo the way the report does (same noise, labels,
-extractor and reference): FID / precision / recall of `DD2 1-step`.
+r"""Scores DD2 networks of the digits demo the way the report does (same noise, labels,
+extractor and reference): FID / precision / recall.
 
     python experiments/dd2_digits/score.py --workdir DIR [--num 1000] [--continuous]
+    python experiments/dd2_digits/score.py --workdir DIR --sampler ar_diffusion --num 500
+
+one_step: the EMA generator in DIR/dd2/generator (`DD2 1-step`); ar_diffusion: the tuned score
+network of DIR/dd2/tune as a token-by-token sampler (10 Euler steps per token, dd2.md Table 7).
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from ddjax.app import build
 from ddjax.dd2 import sampling
-from ddjax.dd2.train import load_generator
+from ddjax.dd2.train import latest_step, load_generator
 from ddjax.evaluate.report import eval_inputs
 from ddjax.evaluate.scoring import score_features
 from ddjax.utils.batching import map_batches
@@ -31,6 +36,7 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--continuous", action="store_true", help="decode the unsnapped tokens")
+    ap.add_argument("--sampler", choices=("one_step", "ar_diffusion"), default="one_step")
     a = ap.parse_args()
     spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", "llamagen.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -40,9 +46,19 @@ def main() -> None:
     cfg, params = load_generator(a.workdir)
     noise, labels = eval_inputs(a.seed, a.num, teacher.seq_len, teacher.code_dim, teacher.num_classes)
     codebook = jnp.asarray(teacher.codebook)
-    lat, sec = map_batches(lambda n, lab: sampling.one_step(params, cfg, jnp.asarray(n), jnp.asarray(lab),
-                                                            codebook, snap=not a.continuous),
-                           (noise, labels), 250, warmup=True)
+    if a.sampler == "ar_diffusion":
+        tune = os.path.join(a.workdir, "dd2", "tune", "checkpoints")
+        step = latest_step(os.path.dirname(tune))
+        params = ocp.StandardCheckpointer().restore(os.path.abspath(f"{tune}/{step}/default"))["params"]
+
+    def fn(n, lab):
+        n, lab = jnp.asarray(n), jnp.asarray(lab)
+        if a.sampler == "ar_diffusion":
+            q = sampling.ar_diffusion(params, cfg, lab, n, 10)
+            return q if a.continuous else codebook[sampling.nearest_code(q, codebook)]
+        return sampling.one_step(params, cfg, n, lab, codebook, snap=not a.continuous)
+
+    lat, sec = map_batches(fn, (noise, labels), 250, warmup=a.sampler == "one_step")
     feats = build.extractor(config)
     ref = build.reference(config, teacher.image_size, feats, a.workdir)
     images = teacher.decode_latents(lat)
