@@ -141,7 +141,6 @@ def test_the_tiny_pipeline_writes_every_stage_and_a_loadable_generator(tiny_run)
     assert cfg == out["config"]
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                            params, jax.device_get(out["final_state"]["gen_ema"]))
-    # The EMA follows min(0.9999, (i + 1) / (i + 10)): after the first update it is 0.1 of the way.
     assert len(read_scalars(f"{wd}/dd2/csd/logs")["csd"]) == s.dd2.csd_steps // s.dd2.log_every
 
 
@@ -209,3 +208,29 @@ def test_with_teacher_keeps_the_generators_prefix_and_lets_the_teacher_finish(te
     np.testing.assert_array_equal(alone, ids[2:])
     np.testing.assert_array_equal(np.asarray(sampling.one_step(params, cfg, noise, labels, codebook)),
                                   np.asarray(codebook)[own])
+
+
+def test_performance_alignment_freezes_the_generator_then_csd_continues(tiny_run, tmp_path):
+    import orbax.checkpoint as ocp
+
+    config, teacher, s, mesh, wd, out = tiny_run
+    dd2 = dataclasses.replace(s.dd2, align_steps=2, align_csd_steps=2)
+    got = T.train(teacher, dd2, s.sampling, workdir=str(tmp_path), mesh=mesh)
+    assert set(got["stages"]) == {"adapt", "tune", "csd", "align", "csd_after"}
+
+    def ckpt(stage, step):
+        return ocp.StandardCheckpointer().restore(str(tmp_path / "dd2" / stage / "checkpoints" / str(step)
+                                                      / "default"))
+
+    def same(a, b):
+        jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                                       rtol=0, atol=1e-6), a, b)
+
+    csd, align = ckpt("csd", s.dd2.csd_steps), ckpt("align", 2)
+    same(csd["gen_ema"], jax.device_get(out["final_state"]["gen_ema"]))  # the plain run up to here
+    same(align["gen"], csd["gen_ema"])  # the generator is its EMA, frozen during alignment
+    moved = jax.tree_util.tree_map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()),
+                                   align["guide"], csd["guide"])
+    assert max(jax.tree_util.tree_leaves(moved)) > 0  # while the guidance network trains
+    assert "csd" not in read_scalars(str(tmp_path / "dd2" / "align" / "logs"))
+    assert "csd" in read_scalars(str(tmp_path / "dd2" / "csd_after" / "logs"))
