@@ -25,7 +25,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddjax.teacher.llamagen.gpt import GPTConfig, LabelEmbedder
 from ddjax.teacher.llamagen.layers import RMSNorm, TransformerBlock, ffn_hidden_dim, rope_table_2d
@@ -255,10 +254,6 @@ def score_from_teacher(config: DD2Config, adapted: Any, rng: jax.Array) -> Any:
     return _copy(fresh, adapted, [*backbone_names(fresh), "tok_embeddings"], "adapted teacher params")
 
 
-def param_count(params: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-
-
 __all__ = ["DD2Config", "DD2Transformer", "CodebookEmbed", "embed_tau", "dd2_config", "init_params",
            "adapt_teacher",
-           "score_from_teacher", "time_embedding", "param_count", "ROLES"]
+           "score_from_teacher", "time_embedding", "ROLES"]

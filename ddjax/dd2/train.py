@@ -54,7 +54,7 @@ from ddjax.dd2.settings import (
     model_config,
     settings_from_dict,
 )
-from ddjax.student.train import NonFiniteError, fsdp_spec
+from ddjax.student.train import NonFiniteError, checkpoint_manager, state_shardings
 from ddjax.teacher.base import Teacher
 from ddjax.teacher.llamagen.sampling import SamplingSettings
 from ddjax.utils import optim
@@ -69,18 +69,6 @@ STAGES = ("adapt", "tune", "csd", "align", "csd_after")
 
 
 # -- the generic resumable stage --------------------------------------------------------------
-def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
-def shardings_for(abstract: Any, mesh: Any, mode: str) -> Any:
-    fsdp = mesh.shape.get("fsdp", 1) if mode == "fsdp" else 1
-    return jax.tree_util.tree_map(lambda a: jax.sharding.NamedSharding(mesh, fsdp_spec(a.shape, fsdp)),
-                                  abstract)
-
-
 def latest_step(directory: str) -> int | None:
     """The newest finished checkpoint step of a stage directory (None when there is none)."""
     path = os.path.join(directory, "checkpoints")
@@ -121,9 +109,9 @@ def run_stage(name: str, directory: str, *, init: Callable[..., Any], init_args:
     """
     check_inputs(name, directory, inputs or {})
     abstract = jax.eval_shape(init, *init_args)
-    state_sh = shardings_for(abstract, mesh, s.sharding)
+    state_sh = state_shardings(abstract, mesh, s.sharding)
     repl = sharding_lib.replicated(mesh)
-    mngr = _manager(os.path.join(directory, "checkpoints"), s.keep_checkpoints)
+    mngr = checkpoint_manager(os.path.join(directory, "checkpoints"), s.keep_checkpoints)
     start = mngr.latest_step()
     if start is not None:
         target = jax.tree_util.tree_map(
@@ -424,21 +412,22 @@ def dd2_dir(workdir: str) -> str:
     return os.path.join(workdir, DD2_DIR)
 
 
-def load_generator(workdir_or_dir: str) -> tuple[model_lib.DD2Config, Any]:
-    """(DD2Config, EMA generator params) from WORKDIR (or WORKDIR/dd2/generator)."""
+def _load(workdir_or_dir: str, sub: str, kind: str) -> tuple[model_lib.DD2Config, Any]:
     d = workdir_or_dir
     if not os.path.exists(os.path.join(d, "ddjax.json")):
-        d = os.path.join(dd2_dir(d), GENERATOR_DIR)
-    params, meta = load_params(d, kind="dd2")
+        d = os.path.join(dd2_dir(d), sub)
+    params, meta = load_params(d, kind=kind)
     return config_from_json(meta["model_config"]), params
+
+
+def load_generator(workdir_or_dir: str) -> tuple[model_lib.DD2Config, Any]:
+    """(DD2Config, EMA generator params) from WORKDIR (or WORKDIR/dd2/generator)."""
+    return _load(workdir_or_dir, GENERATOR_DIR, "dd2")
 
 
 def load_adapted_teacher(workdir_or_dir: str) -> tuple[model_lib.DD2Config, Any]:
-    d = workdir_or_dir
-    if not os.path.exists(os.path.join(d, "ddjax.json")):
-        d = os.path.join(dd2_dir(d), TEACHER_DIR)
-    params, meta = load_params(d, kind="dd2_teacher")
-    return config_from_json(meta["model_config"]), params
+    """(DD2Config, adapted teacher params) from WORKDIR (or WORKDIR/dd2/teacher)."""
+    return _load(workdir_or_dir, TEACHER_DIR, "dd2_teacher")
 
 
 def _save(directory: str, params: Any, kind: str, cfg: model_lib.DD2Config, source: str) -> None:
