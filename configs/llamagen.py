@@ -80,13 +80,13 @@ def _digits_preset(c: mlc.ConfigDict, assets: str, small: bool = False) -> None:
 def _digits_dd2(c: mlc.ConfigDict, small: bool) -> None:
     """DD2 on the digits teacher (method=dd2; experiments/dd2_digits has the measurements)."""
     c.dd2.update(num_samples=2048, batch_size=32, noise_draws=2, head_depth=2, adapt_steps=100,
-                 tune_steps=400, warm_steps=600, csd_steps=100, guide_steps=5, log_every=25,
-                 checkpoint_every=100)
+                 tune_steps=400, warm_steps=600, guide_warm_steps=100, csd_steps=100, guide_steps=5,
+                 log_every=25, checkpoint_every=100)
     c.dd2.guide_opt.update(lr=1e-3, warmup_steps=10)
-    c.dd2.gen_opt.update(lr=1e-4, warmup_steps=10)
+    c.dd2.gen_opt.update(lr=2e-5, warmup_steps=10)
     if small:
-        c.dd2.update(num_samples=256, adapt_steps=20, tune_steps=40, warm_steps=40, csd_steps=10,
-                     guide_steps=2, log_every=10, checkpoint_every=20)
+        c.dd2.update(num_samples=256, adapt_steps=20, tune_steps=40, warm_steps=40, guide_warm_steps=4,
+                     csd_steps=10, guide_steps=2, log_every=10, checkpoint_every=20)
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:

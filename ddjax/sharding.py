@@ -142,3 +142,15 @@ def gather_rows(local: np.ndarray, max_rows: int) -> np.ndarray:
     every = np.asarray(multihost_utils.process_allgather(padded, tiled=True))  # [count*max_rows, ...]
     sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(local)]), tiled=True))
     return np.concatenate([every[p * max_rows:p * max_rows + int(n)] for p, n in enumerate(sizes)])
+
+
+def to_host(tree: Any) -> Any:
+    """Every leaf as a numpy array holding its global value, on every process (a collective
+    when an array spans several processes; every process must call it)."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(get, tree)

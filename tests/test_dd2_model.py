@@ -6,6 +6,9 @@ uninterrupted run."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +167,64 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tiny_run, tmp_path)
                 mesh=mesh)
 
 
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {configs!r})
+import llamagen
+from ddjax.app import build
+from ddjax.app.settings import read_settings
+from ddjax.dd2 import train as T
+
+real = T.checkpoint_manager
+
+
+def dying_manager(directory, keep):
+    mngr = real(directory, keep)
+    save = mngr.save
+
+    def save_then_die(step, *a, **k):
+        out = save(step, *a, **k)
+        if step == 2 and os.sep + "csd" + os.sep in directory:
+            mngr.wait_until_finished()
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-stage: nothing is closed or flushed after this
+        return out
+
+    mngr.save = save_then_die
+    return mngr
+
+
+T.checkpoint_manager = dying_manager
+config = llamagen.get_config("tiny,method=dd2")
+s = read_settings(config)
+T.train(build.build_teacher(config), s.dd2, s.sampling, workdir=sys.argv[1], mesh=build.make_mesh(config))
+"""
+
+
+def test_a_sigkilled_run_resumes_to_the_same_losses_and_weights(tiny_run, tmp_path):
+    config, teacher, s, mesh, wd, out = tiny_run
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "die.py"
+    script.write_text(KILL_SCRIPT.format(configs=os.path.join(root, "configs")))
+    killed = str(tmp_path / "killed")
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(script), killed], env=env, timeout=600,
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert T.latest_step(f"{killed}/dd2/csd") == 2 and not os.path.exists(f"{killed}/dd2/generator")
+    rerun = T.train(teacher, s.dd2, s.sampling, workdir=killed, mesh=mesh)
+    assert rerun["stages"]["csd"]["start_step"] == 2 and rerun["stages"]["tune"]["start_step"] == 4
+    for name in ("gen_ema", "guide"):
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                                       rtol=0, atol=1e-6),
+                               jax.device_get(rerun["final_state"][name]),
+                               jax.device_get(out["final_state"][name]))
+    for tag in ("csd", "fcs"):  # the killed run's logs up to its checkpoint, then the rerun's
+        got, want = (dict(read_scalars(f"{d}/dd2/csd/logs")[tag]) for d in (killed, wd))
+        assert sorted(got) == sorted(want) == list(range(2, s.dd2.csd_steps + 1, s.dd2.log_every))
+        np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)],
+                                   rtol=1e-5)
+
+
 def test_the_generator_exports_to_pytorch_and_back(tiny_run, tmp_path):
     from ddjax.convert import api
     from ddjax.utils.torch_io import CheckpointError, read_state_dict
@@ -176,7 +237,7 @@ def test_the_generator_exports_to_pytorch_and_back(tiny_run, tmp_path):
         state = read_state_dict(path, "model" if path.endswith(".pt") else None)
         # The documented layout: the teacher's names for the backbone, the head under head.*.
         assert {"cls_embedding.embedding_table.weight", "tok_embeddings.centers", "tok_embeddings.table",
-                "tok_embeddings.log_tau", "layers.0.attention.wqkv.weight", "norm.weight",
+                "tok_embeddings.log_tau", "tok_proj.weight", "layers.0.attention.wqkv.weight", "norm.weight",
                 "head.input_proj.weight", "head.final_fc.bias"} <= set(state)
         back = api.import_torch(path, "dd2", cfg)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
@@ -234,3 +295,28 @@ def test_performance_alignment_freezes_the_generator_then_csd_continues(tiny_run
     assert max(jax.tree_util.tree_leaves(moved)) > 0  # while the guidance network trains
     assert "csd" not in read_scalars(str(tmp_path / "dd2" / "align" / "logs"))
     assert "csd" in read_scalars(str(tmp_path / "dd2" / "csd_after" / "logs"))
+
+
+def test_guide_warm_trains_the_guidance_alone_before_csd(tiny_run, tmp_path):
+    import orbax.checkpoint as ocp
+
+    config, teacher, s, mesh, wd, out = tiny_run
+    got = T.train(teacher, dataclasses.replace(s.dd2, guide_warm_steps=2), s.sampling,
+                  workdir=str(tmp_path), mesh=mesh)
+    assert list(got["stages"]) == ["adapt", "tune", "guide_warm", "csd"]
+    warm = ocp.StandardCheckpointer().restore(str(tmp_path / "dd2" / "guide_warm" / "checkpoints" / "2"
+                                                  / "default"))
+    tuned = jax.device_get(out["tuned"])
+    for name in ("gen", "gen_ema"):  # the generator starts CSD as it was (here: the tuned network)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                               warm[name], tuned)
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                   warm["guide"], tuned)
+    assert max(jax.tree_util.tree_leaves(moved)) > 0
+    assert int(warm["gen_step"]) == 0
+    assert "csd" not in read_scalars(str(tmp_path / "dd2" / "guide_warm" / "logs"))
+    # CSD then starts from that guidance, so a changed guide_warm is not silently continued.
+    with pytest.raises(ValueError, match="dd2/csd was started from .*guide_warm step 2.*now .*"
+                                         "guide_warm step 3"):
+        T.train(teacher, dataclasses.replace(s.dd2, guide_warm_steps=3), s.sampling,
+                workdir=str(tmp_path), mesh=mesh)

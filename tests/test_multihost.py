@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -268,3 +269,27 @@ def test_main_joins_2_processes_with_explicit_flags(tmp_path):
     for p, (proc, out) in enumerate(zip(procs, outs)):
         assert proc.returncode == 0, out[-3000:]
         assert f"process {p}/2" in out, out[-3000:]
+
+
+def test_dd2_on_2_processes_equals_1_process(tmp_path):
+    """DD2's stages (teacher samples, adapt, tune, CSD) on 2 x 4 devices: the same samples,
+    CSD losses and saved generator as on 1 x 8."""
+    from helpers import read_scalars
+
+    from ddjax.dd2.train import load_generator
+
+    sets = ["mode=train_dd2", "method=dd2"]
+    one = launch(str(tmp_path / "one"), sets, 1)
+    assert one.returncodes == [0], one.logs[0][-4000:]
+    two = launch(str(tmp_path / "two"), sets, 2)
+    assert two.returncodes == [0, 0], two.logs[0][-3000:] + two.logs[1][-3000:]
+    with np.load(f"{one.workdir}/dd2/samples.npz") as a, np.load(f"{two.workdir}/dd2/samples.npz") as b:
+        np.testing.assert_array_equal(a["ids"], b["ids"])
+    ref, got = (dict(read_scalars(f"{r.workdir}/dd2/csd/logs")["csd"]) for r in (one, two))
+    assert sorted(got) == sorted(ref) and ref
+    np.testing.assert_allclose([got[k] for k in sorted(ref)], [ref[k] for k in sorted(ref)], rtol=0,
+                               atol=1e-5)
+    (cfg_a, a), (cfg_b, b) = load_generator(one.workdir), load_generator(two.workdir)
+    assert cfg_a == cfg_b
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)

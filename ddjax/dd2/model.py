@@ -12,6 +12,10 @@ causal attention, so the features at position i depend on the class and x_<i onl
       generator  q = eps - v(eps_i, t = 1 | eps_<i)        (the shifted noise in the backbone)
       guidance   m = x_t - t v(x_t, t | q_<i)              (the generated prefix in the backbone)
 
+Role "score" also maps its backbone's inputs linearly (`tok_proj`, zero at the start), beside
+`CodebookEmbed`, which nearly snaps an off-codebook input to its nearest code: the generator's
+backbone reads noise.
+
 Parameter names: the backbone's are the teacher's (`cls_embedding`, `layers_*`, `norm`), so
 `adapt_teacher` and `score_from_teacher` copy them by name.
 """
@@ -156,6 +160,11 @@ class DD2Transformer(nn.Module):
                                         attention_impl=c.attention_impl, **kw)
                        for _ in range(c.n_layer)]
         self.norm = RMSNorm(c.dim, c.norm_eps, **kw)
+        if self.role == "score":
+            # CodebookEmbed nearly snaps an input to its nearest code; the generator's backbone
+            # reads noise, whose every digit the tokens depend on, so it also gets it linearly
+            # (zero at the start: the network starts as the adapted teacher's backbone).
+            self.tok_proj = nn.Dense(c.dim, use_bias=False, kernel_init=nn.initializers.zeros, **kw)
         if self.role == "teacher":
             self.output = nn.Dense(c.vocab_size, use_bias=False, kernel_init=nn.initializers.zeros, **kw)
         else:
@@ -163,8 +172,11 @@ class DD2Transformer(nn.Module):
         self.rope = jnp.asarray(rope_table_2d(c.grid_size, c.head_dim, c.rope_base, c.cls_token_num))
 
     def embed(self, x: jax.Array) -> jax.Array:
-        """Continuous tokens [..., d] -> [..., dim] (the adapted token embedding)."""
-        return self.tok_embeddings(x.astype(self.config.gpt.dtype))
+        """Continuous tokens [..., d] -> [..., dim] (the adapted token embedding, plus a linear
+        map of x in role "score")."""
+        x = x.astype(self.config.gpt.dtype)
+        e = self.tok_embeddings(x)
+        return e + self.tok_proj(x) if self.role == "score" else e
 
     def features(self, x: jax.Array, labels: jax.Array, drop: jax.Array | None = None) -> jax.Array:
         """x [B, L, d], labels [B] (drop [B] bool: the null class) -> normed features [B, L, dim];

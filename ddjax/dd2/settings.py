@@ -65,6 +65,7 @@ class DD2Settings:
     tune_opt: OptSettings = OptSettings(lr=1e-3, warmup_steps=50)
     warm_steps: int = 0  # generator warm start on DD1's pairs (not in the paper; 0 = off)
     warm_opt: OptSettings = OptSettings(lr=1e-3, warmup_steps=20)
+    guide_warm_steps: int = 0  # guidance-only FCS updates on the starting generator before CSD
     csd_steps: int = 300  # generator updates
     guide_opt: OptSettings = OptSettings(lr=2e-4, warmup_steps=50)
     gen_opt: OptSettings = OptSettings(lr=1e-4, warmup_steps=10)
@@ -87,7 +88,7 @@ class DD2Settings:
         if self.embed_tau <= 0:
             raise ValueError(f"config.dd2.embed_tau must be > 0, got {self.embed_tau}")
         for name in ("adapt_steps", "warm_steps", "tune_steps", "tune_head_steps", "csd_steps",
-                     "align_steps", "align_csd_steps"):
+                     "align_steps", "align_csd_steps", "guide_warm_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config.dd2.{name} must be >= 0, got {getattr(self, name)}")
         if self.teacher_from < 0:

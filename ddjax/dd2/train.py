@@ -11,6 +11,10 @@ r"""DD2's training pipeline (dd2.md §4–5): resumable stages under WORKDIR/dd2
   tune      AR-diffusion tuning with the ground-truth-score (GTS) loss: a score network (the
             adapted teacher's backbone with an MLP head) regresses the adapted teacher's
             closed-form velocity at R noise draws per sequence; it initialises both networks;
+  warm      optional (`warm_steps` > 0, not in the paper): the generator regresses DD1's
+            noise->token pairs (squared error);
+  guide_warm  optional (`guide_warm_steps` > 0): guidance-only FCS updates on the starting
+            generator, so CSD starts from a guidance that knows the generator's distribution;
   csd       the main stage: per iteration `csd.guide_steps` guidance updates (FCS: denoising
             score matching on generated sequences, velocity form) then one generator update
             with the CSD loss (SiD, alpha; the prefix stop-gradient); the generator's EMA
@@ -65,7 +69,7 @@ DD2_DIR = "dd2"
 GENERATOR_DIR = "generator"
 TEACHER_DIR = "teacher"
 SAMPLES_FILE = "samples.npz"
-STAGES = ("adapt", "tune", "csd", "align", "csd_after")
+STAGES = ("adapt", "tune", "warm", "guide_warm", "csd", "align", "csd_after")
 
 
 # -- the generic resumable stage --------------------------------------------------------------
@@ -169,6 +173,7 @@ def run_stage(name: str, directory: str, *, init: Callable[..., Any], init_args:
                     logging.info("dd2 %s %d/%d: %s (%.2f steps/s, ETA %.0f s)", name, done, num_steps,
                                  shown, rate, (num_steps - done) / max(rate, 1e-9))
             if done % s.checkpoint_every == 0 or done == num_steps:
+                writer.flush()  # a killed run's logs then reach its last checkpoint
                 mngr.save(done, args=ocp.args.StandardSave(state), force=True)
     finally:
         writer.close()
@@ -201,7 +206,7 @@ def teacher_samples(teacher: Teacher, s: DD2Settings, settings: SamplingSettings
         lab = labels[start:start + bs]
         pad = np.pad(lab, (0, bs - len(lab)))
         out = placed.sample(jnp.asarray(pad), jax.random.fold_in(key, start), settings, mesh=mesh)
-        ids.append(np.asarray(out)[: len(lab)])
+        ids.append(sharding_lib.to_host(out)[: len(lab)])
         logging.info("dd2 teacher samples %d/%d (%.1f/s)", start + len(lab), s.num_samples,
                      (start + len(lab)) / (time.time() - t0))
     got = {"ids": np.concatenate(ids).astype(np.int32), "labels": labels}
@@ -431,9 +436,11 @@ def load_adapted_teacher(workdir_or_dir: str) -> tuple[model_lib.DD2Config, Any]
 
 
 def _save(directory: str, params: Any, kind: str, cfg: model_lib.DD2Config, source: str) -> None:
+    host = sharding_lib.to_host(params)  # every process takes part; process 0 writes
     if sharding_lib.is_writer():
-        save_params(directory, jax.device_get(params), kind=kind, model_config=config_to_json(cfg),
-                    source=source, overwrite=True)
+        save_params(directory, host, kind=kind, model_config=config_to_json(cfg), source=source,
+                    overwrite=True)
+    sharding_lib.barrier(f"dd2 saved {directory}")
 
 
 # -- the pipeline -----------------------------------------------------------------------------
@@ -541,10 +548,13 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
 
     b = s.batch_size
     before = {"adapt": s.adapt_steps, "tune": s.tune_steps, "warm": s.warm_steps}
+    one_guide = dataclasses.replace(s, guide_steps=1)
     stages = [("csd", s.csd_steps, csd_init, True, s)]
+    if s.guide_warm_steps:  # the guidance first learns the starting generator's distribution
+        stages = [("guide_warm", s.guide_warm_steps, csd_init, False, one_guide),
+                  ("csd", s.csd_steps, restart, True, s)]
     if s.align_steps:
-        stages.append(("align", s.align_steps, lambda st: restart(st, True), False,
-                       dataclasses.replace(s, guide_steps=1)))
+        stages.append(("align", s.align_steps, lambda st: restart(st, True), False, one_guide))
         if s.align_csd_steps:
             stages.append(("csd_after", s.align_csd_steps, restart, True, s))
     state = (generator, tuned)

@@ -453,6 +453,7 @@ def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir:
                 result["metrics"] = values
             if is_ckpt or done == tc.num_steps:
                 with report.timed("checkpoint"):
+                    writer.flush()  # a killed run's logs then reach its last checkpoint
                     save_state(mngr, state, {"examples_seen": done * tc.batch_size})
             result["step"] = done
     finally:

@@ -51,7 +51,11 @@ def save_params(directory: str, params: Any, *, kind: str, model_config: Any,
     tmp = directory + ".tmp-ddjax"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    ckptr = ocp.StandardCheckpointer()
+    # Host arrays written by this process alone, also inside a multi-process job (orbax would
+    # otherwise wait for the other processes at its barriers).
+    me = jax.process_index()
+    ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me})) if jax.process_count() > 1 else ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, "params"), jax.device_get(params))
     ckptr.wait_until_finished()
     cfg = model_config if isinstance(model_config, dict) else config_to_dict(model_config)

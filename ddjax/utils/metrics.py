@@ -26,7 +26,16 @@ def _tensorboardx_writer_class() -> type:
         """clu MetricWriter writing TensorBoard event files with tensorboardX (no TensorFlow)."""
 
         def __init__(self, logdir: str):
-            self._writer = tensorboardX.SummaryWriter(logdir=logdir)
+            self._logdir, self._files, self._open = logdir, 0, None
+            self._writer  # noqa: B018  (the directory and first file exist from the start)
+
+        @property
+        def _writer(self):
+            if self._open is None:  # a numbered suffix: two files opened in one second stay apart
+                self._open = tensorboardX.SummaryWriter(logdir=self._logdir,
+                                                        filename_suffix=f".{self._files}")
+                self._files += 1
+            return self._open
 
         def write_summaries(self, step, values, metadata=None):
             logging.log_first_n(logging.WARNING, "TensorboardXWriter skips raw summaries", 1)
@@ -64,10 +73,15 @@ def _tensorboardx_writer_class() -> type:
             self._writer.add_text("hparams", text, global_step=0)
 
         def flush(self):
-            self._writer.flush()
+            # tensorboardX's flush() leaves the events still queued for its writer thread, so a
+            # process killed after it loses them; closing drains the queue and the file, and the
+            # next write opens a new file.
+            self.close()
 
         def close(self):
-            self._writer.close()
+            if self._open is not None:
+                self._open.close()
+                self._open = None
 
     return TensorboardXWriter
 
