@@ -147,20 +147,34 @@ def test_the_tiny_pipeline_writes_every_stage_and_a_loadable_generator(tiny_run)
     assert len(read_scalars(f"{wd}/dd2/csd/logs")["csd"]) == s.dd2.csd_steps // s.dd2.log_every
 
 
+def assert_trees_close(a, b, atol: float = 1e-6) -> None:
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0,
+                                                                   atol=atol), a, b)
+
+
+def assert_resumed_like(rerun: dict, out: dict) -> None:
+    """The rerun's generator EMA and guidance network equal the uninterrupted run's."""
+    for name in ("gen_ema", "guide"):
+        assert_trees_close(jax.device_get(rerun["final_state"][name]),
+                           jax.device_get(out["final_state"][name]))
+
+
+def logged(workdir, tag: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one scalar of the csd stage's logs, in step order."""
+    got = dict(read_scalars(f"{workdir}/dd2/csd/logs")[tag])
+    return sorted(got), [got[k] for k in sorted(got)]
+
+
 def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tiny_run, tmp_path):
     config, teacher, s, mesh, wd, out = tiny_run
     # Stopped after 2 of the 4 CSD iterations (the learning rates do not depend on the length)...
     T.train(teacher, dataclasses.replace(s.dd2, csd_steps=2), s.sampling, workdir=str(tmp_path), mesh=mesh)
     rerun = T.train(teacher, s.dd2, s.sampling, workdir=str(tmp_path), mesh=mesh)
     assert rerun["stages"]["csd"]["start_step"] == 2 and rerun["stages"]["tune"]["start_step"] == 4
-    for name in ("gen_ema", "guide"):
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                                                       rtol=0, atol=1e-6),
-                               jax.device_get(rerun["final_state"][name]),
-                               jax.device_get(out["final_state"][name]))
-    got, want = (dict(read_scalars(f"{d}/dd2/csd/logs")["csd"]) for d in (tmp_path, wd))
-    assert sorted(got) == sorted(want)
-    np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-5)
+    assert_resumed_like(rerun, out)
+    (got_steps, got), (want_steps, want) = logged(tmp_path, "csd"), logged(wd, "csd")
+    assert got_steps == want_steps
+    np.testing.assert_allclose(got, want, rtol=1e-5)
     # A later stage started from other weights is not silently continued.
     with pytest.raises(ValueError, match="dd2/csd was started from .*tune step 4.*now .*tune step 6"):
         T.train(teacher, dataclasses.replace(s.dd2, tune_steps=6), s.sampling, workdir=str(tmp_path),
@@ -213,16 +227,11 @@ def test_a_sigkilled_run_resumes_to_the_same_losses_and_weights(tiny_run, tmp_pa
     assert T.latest_step(f"{killed}/dd2/csd") == 2 and not os.path.exists(f"{killed}/dd2/generator")
     rerun = T.train(teacher, s.dd2, s.sampling, workdir=killed, mesh=mesh)
     assert rerun["stages"]["csd"]["start_step"] == 2 and rerun["stages"]["tune"]["start_step"] == 4
-    for name in ("gen_ema", "guide"):
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                                                       rtol=0, atol=1e-6),
-                               jax.device_get(rerun["final_state"][name]),
-                               jax.device_get(out["final_state"][name]))
+    assert_resumed_like(rerun, out)
     for tag in ("csd", "fcs"):  # the killed run's logs up to its checkpoint, then the rerun's
-        got, want = (dict(read_scalars(f"{d}/dd2/csd/logs")[tag]) for d in (killed, wd))
-        assert sorted(got) == sorted(want) == list(range(2, s.dd2.csd_steps + 1, s.dd2.log_every))
-        np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)],
-                                   rtol=1e-5)
+        (got_steps, got), (want_steps, want) = logged(killed, tag), logged(wd, tag)
+        assert got_steps == want_steps == list(range(2, s.dd2.csd_steps + 1, s.dd2.log_every))
+        np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_the_generator_exports_to_pytorch_and_back(tiny_run, tmp_path):
@@ -283,13 +292,10 @@ def test_performance_alignment_freezes_the_generator_then_csd_continues(tiny_run
         return ocp.StandardCheckpointer().restore(str(tmp_path / "dd2" / stage / "checkpoints" / str(step)
                                                       / "default"))
 
-    def same(a, b):
-        jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
-                                                                       rtol=0, atol=1e-6), a, b)
-
     csd, align = ckpt("csd", s.dd2.csd_steps), ckpt("align", 2)
-    same(csd["gen_ema"], jax.device_get(out["final_state"]["gen_ema"]))  # the plain run up to here
-    same(align["gen"], csd["gen_ema"])  # the generator is its EMA, frozen during alignment
+    # the plain run up to here
+    assert_trees_close(csd["gen_ema"], jax.device_get(out["final_state"]["gen_ema"]))
+    assert_trees_close(align["gen"], csd["gen_ema"])  # the generator is its EMA, frozen during alignment
     moved = jax.tree_util.tree_map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()),
                                    align["guide"], csd["guide"])
     assert max(jax.tree_util.tree_leaves(moved)) > 0  # while the guidance network trains

@@ -549,10 +549,10 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
     b = s.batch_size
     before = {"adapt": s.adapt_steps, "tune": s.tune_steps, "warm": s.warm_steps}
     one_guide = dataclasses.replace(s, guide_steps=1)
-    stages = [("csd", s.csd_steps, csd_init, True, s)]
+    stages = []
     if s.guide_warm_steps:  # the guidance first learns the starting generator's distribution
-        stages = [("guide_warm", s.guide_warm_steps, csd_init, False, one_guide),
-                  ("csd", s.csd_steps, restart, True, s)]
+        stages.append(("guide_warm", s.guide_warm_steps, csd_init, False, one_guide))
+    stages.append(("csd", s.csd_steps, restart if stages else csd_init, True, s))
     if s.align_steps:
         stages.append(("align", s.align_steps, lambda st: restart(st, True), False, one_guide))
         if s.align_csd_steps:

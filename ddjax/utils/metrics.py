@@ -26,15 +26,19 @@ def _tensorboardx_writer_class() -> type:
         """clu MetricWriter writing TensorBoard event files with tensorboardX (no TensorFlow)."""
 
         def __init__(self, logdir: str):
-            self._logdir, self._files, self._open = logdir, 0, None
-            self._writer  # noqa: B018  (the directory and first file exist from the start)
+            self._logdir, self._files = logdir, 0
+            self._open = self._new_file()  # the directory and first file exist from the start
+
+        def _new_file(self):
+            # a numbered suffix: two files opened in one second stay apart
+            w = tensorboardX.SummaryWriter(logdir=self._logdir, filename_suffix=f".{self._files}")
+            self._files += 1
+            return w
 
         @property
         def _writer(self):
-            if self._open is None:  # a numbered suffix: two files opened in one second stay apart
-                self._open = tensorboardX.SummaryWriter(logdir=self._logdir,
-                                                        filename_suffix=f".{self._files}")
-                self._files += 1
+            if self._open is None:
+                self._open = self._new_file()
             return self._open
 
         def write_summaries(self, step, values, metadata=None):
