@@ -135,6 +135,7 @@ def environment() -> dict[str, str]:
         "cpu": _cpu_name(),
         "cpu_count": str(os.cpu_count()),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 

@@ -6,15 +6,22 @@
     python benchmarks/sampler_variants.py --batches 8 --variants new,bf16           # f32 vs bf16
 
 Same model and settings as benchmarks/teacher_sampling.py (GPT-B dimensions, random weights,
-CFG 2.0, top-k 8000). Each variant is built by setting, while its loop is traced, the two
-knobs of `ddjax/teacher/sampling.py` that the optimisation changed:
+CFG 2.0, top-k 8000). Each variant is built by setting, while its loop is traced, the knobs
+of the sampling loop that the optimisations changed:
 
-  original   lax.top_k for the top-k threshold; one loop over the whole block_size cache
-  topk       kth_largest (the exact bit search); one loop over the whole cache
-  cut        kth_largest; one loop over a cache of cls + num_tokens - 1 rows (no windows)
-  new        what sampling.py does: kth_largest, windows of DECODE_WINDOW (64) rows
-  windowN    the same with N-row windows (window32, window16, ...)
-  bf16       `new` with bfloat16 compute (float32 parameters)
+  original   lax.top_k for the top-k threshold; one loop over the whole block_size cache; the
+             sequence-major [B, S, H, D] KV cache; jax.random.categorical / jnp.argmax draws
+  topk       kth_largest (the exact bit search); otherwise as original
+  cut        kth_largest; one loop over a cache of cls + num_tokens - 1 rows (no windows),
+             sequence-major cache, jax draws
+  windows    kth_largest, windows of DECODE_WINDOW (64) rows, sequence-major cache, jax draws
+             (the loop before the head-major cache and the fast draw)
+  seqmajor   `new` with the sequence-major cache
+  jaxdraw    `new` with jax.random.categorical / jnp.argmax for the draw
+  new        what sampling.py does: kth_largest, windows of DECODE_WINDOW rows, the head-major
+             [B, H, S, D] cache (`ddjax.kernels.kv_cache_layout`), the two-reduction argmax
+  windowN    `new` with N-row windows (window32, window128, ...)
+  bf16       `new` with bfloat16 compute (float32 parameters, float32 accumulation)
 
 Every variant is AOT-compiled (lower and compile times reported), then the executables are
 called round-robin (interleaved), one warm-up each, median of --repeats. Before timing, each
@@ -42,6 +49,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks._common import compile_jitted, interleaved, print_environment, table  # noqa: E402
 from benchmarks.teacher_sampling import labels, make_config, random_params, settings_for  # noqa: E402
+from ddjax.teacher.llamagen import gpt as gpt_lib  # noqa: E402
+from ddjax.teacher.llamagen import layers as layers_lib  # noqa: E402
 from ddjax.teacher.llamagen import sampling as sampling_lib  # noqa: E402
 
 FULL_CACHE = 0  # DECODE_WINDOW = 0: no windows, and the cache keeps all block_size rows
@@ -52,17 +61,35 @@ def _top_k_sort(x, k):
     return jax.lax.top_k(x, k)[0][..., -1:]
 
 
+def _jax_categorical(key, logp):
+    return jax.random.categorical(key, logp, axis=-1).astype(np.int32)
+
+
+def _jax_argmax(x):
+    return jax.numpy.argmax(x, axis=-1).astype(np.int32)
+
+
+def _seq_major(*args):
+    return "bshd"
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     window: int
     exact_topk: bool = True
     dtype: str = "float32"
+    head_major: bool = True
+    fast_draw: bool = True
 
 
 def variant(name: str) -> Variant:
-    fixed = {"original": Variant(FULL_CACHE, exact_topk=False), "topk": Variant(FULL_CACHE),
-             "cut": Variant(NO_WINDOWS), "new": Variant(sampling_lib.DECODE_WINDOW),
-             "bf16": Variant(sampling_lib.DECODE_WINDOW, dtype="bfloat16")}
+    w = sampling_lib.DECODE_WINDOW
+    old = dict(head_major=False, fast_draw=False)
+    fixed = {"original": Variant(FULL_CACHE, exact_topk=False, **old),
+             "topk": Variant(FULL_CACHE, **old), "cut": Variant(NO_WINDOWS, **old),
+             "windows": Variant(w, **old), "seqmajor": Variant(w, head_major=False),
+             "jaxdraw": Variant(w, fast_draw=False), "new": Variant(w),
+             "bf16": Variant(w, dtype="bfloat16")}
     if name in fixed:
         return fixed[name]
     if name.startswith("window") and name[6:].isdigit():
@@ -74,15 +101,21 @@ def variant(name: str) -> Variant:
 def patched(v: Variant):
     """sampling.py's knobs set to the variant's while its loop is traced (and its cache of
     compiled loops cleared on both sides)."""
-    saved = sampling_lib.DECODE_WINDOW, sampling_lib.kth_largest
+    saved = (sampling_lib.DECODE_WINDOW, sampling_lib.kth_largest, sampling_lib.categorical,
+             sampling_lib.argmax, layers_lib.cache_layout, gpt_lib.cache_layout)
     sampling_lib.DECODE_WINDOW = v.window
     if not v.exact_topk:
         sampling_lib.kth_largest = _top_k_sort
+    if not v.fast_draw:
+        sampling_lib.categorical, sampling_lib.argmax = _jax_categorical, _jax_argmax
+    if not v.head_major:
+        layers_lib.cache_layout = gpt_lib.cache_layout = _seq_major
     sampling_lib._compiled.cache_clear()
     try:
         yield
     finally:
-        sampling_lib.DECODE_WINDOW, sampling_lib.kth_largest = saved
+        (sampling_lib.DECODE_WINDOW, sampling_lib.kth_largest, sampling_lib.categorical,
+         sampling_lib.argmax, layers_lib.cache_layout, gpt_lib.cache_layout) = saved
         sampling_lib._compiled.cache_clear()
 
 
@@ -99,7 +132,7 @@ def build(v: Variant, small: bool, params, batch: int, tokens: int | None, top_k
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", default="original,topk,cut,new")
+    p.add_argument("--variants", default="original,topk,cut,windows,seqmajor,jaxdraw,new")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--tokens", type=int, default=None, help="tokens per sequence (default block_size)")
     p.add_argument("--top-k", type=int, default=None)

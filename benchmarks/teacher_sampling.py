@@ -52,6 +52,7 @@ from benchmarks._common import (  # noqa: E402
     print_environment,
     table,
     time_fn,
+    time_once,
 )
 from ddjax.teacher.llamagen.gpt import GPTConfig, gpt_config, init_params  # noqa: E402
 from ddjax.teacher.llamagen.layers import ffn_hidden_dim  # noqa: E402
@@ -149,8 +150,37 @@ def bench_ddjax(args, peaks: dict[str, float]) -> list[dict[str, Any]]:
     return rows
 
 
+def dtype_parity(args, params) -> dict[str, Any]:
+    """bf16 compute against f32 on the same weights: teacher-forcing logits and greedy tokens.
+
+    Greedy (top_k=1) CFG sampling of --check-rows x --check-tokens tokens in each dtype: the
+    fraction of tokens equal to f32's, and the first position where a row departs. Then the
+    f32 teacher's tokens fed to both dtypes (teacher forcing, condition branch): the largest
+    logit difference, absolute and relative to the f32 logits' spread.
+    """
+    from ddjax.teacher.llamagen.gpt import GPT
+
+    cfgs = {d: make_config(args.small, d) for d in ("float32", "bfloat16")}
+    n = min(args.check_tokens, cfgs["float32"].block_size)
+    b = args.check_rows
+    cond = labels(b, cfgs["float32"])
+    greedy = {d: np.asarray(ddjax_sampler(c, settings_for(c, 1), n)(params, cond, jax.random.PRNGKey(0)))
+              for d, c in cfgs.items()}
+    same = greedy["bfloat16"] == greedy["float32"]
+    first = [int(np.argmin(r)) if not r.all() else n for r in same]
+    tokens = jnp.asarray(greedy["float32"])
+    logits = {d: np.asarray(jax.jit(GPT(c).apply)({"params": params}, tokens, cond), np.float32)
+              for d, c in cfgs.items()}
+    diff = np.abs(logits["bfloat16"] - logits["float32"])
+    return {"rows x tokens": f"{b} x {n}", "greedy tokens equal %": 100 * float(same.mean()),
+            "first departure (mean)": float(np.mean(first)),
+            "logits max |diff|": float(diff.max()),
+            "max |diff| / std(f32 logits)": float(diff.max() / logits["float32"].std()),
+            "mean |diff| / std": float(diff.mean() / logits["float32"].std())}
+
+
 # -- LlamaGen --------------------------------------------------------------------------------------
-def load_llamagen(path: str, config: GPTConfig, params: Any, threads: int):
+def load_llamagen(path: str, config: GPTConfig, params: Any, threads: int, device: str = "cpu"):
     """(model, generate) from a LlamaGen checkout at `path`, holding ddjax's weights."""
     import torch
 
@@ -171,20 +201,24 @@ def load_llamagen(path: str, config: GPTConfig, params: Any, threads: int):
     state = {k: torch.from_numpy(np.array(v)) for k, v in flax_to_torch(params).items()}
     model.load_state_dict(state, strict=True)
     model.eval()
-    return model, generate
+    return model.to(device), generate
 
 
 def llamagen_sampler(model, generate, config: GPTConfig, settings: SamplingSettings, batch: int,
                      num_tokens: int):
     import torch
 
-    cond = torch.from_numpy(np.array(labels(batch, config))).long()
+    device = next(model.parameters()).device
+    cond = torch.from_numpy(np.array(labels(batch, config))).long().to(device)
 
     def run():
         with torch.no_grad():
-            return generate(model, cond, num_tokens, cfg_scale=settings.cfg_scale,
-                            cfg_interval=settings.cfg_interval, temperature=settings.temperature,
-                            top_k=settings.top_k, top_p=settings.top_p)
+            out = generate(model, cond, num_tokens, cfg_scale=settings.cfg_scale,
+                           cfg_interval=settings.cfg_interval, temperature=settings.temperature,
+                           top_k=settings.top_k, top_p=settings.top_p)
+        if device.type == "cuda":  # the timings wait for the GPU, as block_until_ready does
+            torch.cuda.synchronize()
+        return out.cpu()
 
     return run
 
@@ -206,30 +240,50 @@ def check_same_tokens(args, config, params, model, generate) -> None:
                          "the weights or sampling semantics differ")
 
 
+def compile_llamagen(model):
+    """LlamaGen's `sample_c2i.py --compile`: the whole Transformer under torch.compile."""
+    import torch
+
+    return torch.compile(model, mode="reduce-overhead", fullgraph=True)
+
+
 def compare_llamagen(args) -> list[dict[str, Any]]:
     config = make_config(args.small, "float32")
     params = random_params(config)
-    model, generate = load_llamagen(args.compare_llamagen, config, params, args.torch_threads)
+    model, generate = load_llamagen(args.compare_llamagen, config, params, args.torch_threads,
+                                    args.torch_device)
     check_same_tokens(args, config, params, model, generate)
+    models = {}
+    if "eager" in args.llamagen_modes:
+        models["LlamaGen"] = model
+    if "compiled" in args.llamagen_modes:
+        models["LlamaGen compiled"] = compile_llamagen(model)
     settings = settings_for(config, args.top_k)
     n = args.tokens or config.block_size
     rows = []
     for batch in args.batches:
         cond, key = labels(batch, config), jax.random.PRNGKey(batch)
         comp = compile_jitted(ddjax_sampler(config, settings, n), params, cond, key)
-        fns = {"ddjax": functools.partial(comp.executable, params, cond, key),
-               "llamagen": llamagen_sampler(model, generate, config, settings, batch, n)}
-        # Warm-up: one ddjax call; LlamaGen on a few tokens (its caches are rebuilt per call).
-        time_fn(fns["ddjax"], warmup=0, repeats=1)
-        llamagen_sampler(model, generate, config, settings, batch, min(n, 4))()
+        fns = {"ddjax": functools.partial(comp.executable, params, cond, key)}
+        fns.update({name: llamagen_sampler(m, generate, config, settings, batch, n)
+                    for name, m in models.items()})
+        # Warm-up (excluded from the timings): one call of each. For the compiled model this is
+        # where torch.compile traces and compiles (prefill and decoding step, at this batch);
+        # its time minus an eager call's is reported as its compile time.
+        warm = {name: time_once(fn)[0] for name, fn in fns.items()}
         t = interleaved(fns, warmup=0, repeats=args.repeats)
-        ours, theirs = batch * n / t["ddjax"].median, batch * n / t["llamagen"].median
-        rows.append({"batch": batch, "tokens": n, "ddjax tokens/s": ours,
-                     "LlamaGen tokens/s": theirs, "ratio": ours / theirs,
-                     "ddjax s/call": t["ddjax"].median, "LlamaGen s/call": t["llamagen"].median,
-                     "ddjax compile s": comp.total_s})
-        print(f"  batch {batch}: ddjax {t['ddjax']}, LlamaGen {t['llamagen']}, "
-              f"ratio {ours / theirs:.2f}", flush=True)
+        ours = batch * n / t["ddjax"].median
+        row: dict[str, Any] = {"batch": batch, "tokens": n, "ddjax tokens/s": ours}
+        for name in models:
+            theirs = batch * n / t[name].median
+            row[f"{name} tokens/s"] = theirs
+            row[f"ddjax / {name}"] = ours / theirs
+        row["ddjax compile s"] = comp.total_s
+        if "LlamaGen compiled" in models:
+            row["torch.compile s"] = warm["LlamaGen compiled"] - t["LlamaGen compiled"].median
+        rows.append(row)
+        print(f"  batch {batch}: " + ", ".join(f"{k} {v}" for k, v in t.items())
+              + f"; load average {os.getloadavg()[0]:.2f}", flush=True)
     return rows
 
 
@@ -249,6 +303,10 @@ def parse_args(argv=None):
     p.add_argument("--compare-llamagen", metavar="PATH", default=None,
                    help="a LlamaGen checkout: time its generate() beside ddjax (float32)")
     p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--torch-device", default="cpu", help="LlamaGen's device: cpu or cuda")
+    p.add_argument("--llamagen-modes", type=lambda s: s.split(","), default=["eager", "compiled"],
+                   help="with --compare-llamagen: eager, compiled (torch.compile as sample_c2i.py "
+                        "--compile does), or both (default)")
     p.add_argument("--check-rows", type=int, default=2, help="rows for the top_k=1 identity check")
     p.add_argument("--check-tokens", type=int, default=32, help="tokens for the top_k=1 check")
     p.add_argument("--matmul-size", type=int, default=2048)
@@ -273,6 +331,8 @@ def main(argv=None) -> None:
         "tokens": args.tokens or config.block_size,
     })
     if args.compare_llamagen:
+        print(f"# matmul peak float32 ({args.matmul_size}^3): "
+              f"{matmul_peak(jnp.float32, args.matmul_size):.1f} GFLOP/s", flush=True)
         rows = compare_llamagen(args)
         print("\nddjax vs LlamaGen generate() (float32, interleaved calls, median of "
               f"{args.repeats}):\n")
@@ -285,6 +345,9 @@ def main(argv=None) -> None:
         print(f"\nddjax teacher sampling (median of {args.repeats}; MFU against the matmul peak "
               "of the same dtype):\n")
         print(table(rows))
+        if {"float32", "bfloat16"} <= set(args.dtypes):
+            print("\nbfloat16 compute (float32 parameters and accumulation) against float32:\n")
+            print(table([dtype_parity(args, random_params(make_config(args.small)))]))
     print(f"\n# total wall time {time.perf_counter() - t0:.0f} s")
 
 

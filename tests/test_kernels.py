@@ -23,6 +23,7 @@ from ddjax.kernels.attention import (
     attention_reference,
     available_implementations,
     default_implementation,
+    kv_cache_layout,
 )
 from ddjax.kernels.decode_attention import BlockSizes as DecodeBlockSizes
 from ddjax.kernels.decode_attention import decode_attention, decode_attention_reference
@@ -278,6 +279,31 @@ class TestDispatcher:
             pytest.skip("the CPU default")
         q, k, v, _ = _qkv(1, 6, 6, 4, 2, 16)
         np.testing.assert_array_equal(attention(q, k, v), attention_reference(q, k, v))
+
+    @pytest.mark.parametrize("impl", ["xla", "pallas"])
+    @pytest.mark.parametrize("t", [1, 3])
+    def test_head_major_keys_equal_sequence_major(self, impl, t):
+        """kv_layout="bhsd" takes k, v as [B, Hkv, S, D]: the same attention (GQA, an offset)."""
+        q, k, v, _ = _qkv(2, t, 24, 4, 2, 16)
+        kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        with jax.default_matmul_precision("float32"):
+            ref = attention_reference(q, k, v, q_offset=9)
+            out = attention(q, kh, vh, q_offset=9, implementation=impl, kv_layout="bhsd")
+        np.testing.assert_allclose(out, ref, **F32_OUT)
+        with pytest.raises(ValueError, match="kv_layout must be one of"):
+            attention(q, k, v, implementation=impl, kv_layout="bsdh")
+
+    def test_cache_layout_follows_the_implementation(self):
+        q = jnp.zeros((1, 1, 4, 64), jnp.float32)
+        assert kv_cache_layout("xla", q) == "bhsd"
+        assert kv_cache_layout("pallas", q) == "bshd"
+        assert kv_cache_layout(None, q, "cpu") == "bhsd"
+        from ddjax.teacher.llamagen.gpt import gpt_config, init_cache
+
+        shapes = {impl: init_cache(gpt_config("GPT-B", n_layer=1, dim=64, n_head=4, n_kv_head=2,
+                                              block_size=16, attention_impl=impl), 3)[0]["k"].shape
+                  for impl in ("xla", "pallas")}
+        assert shapes == {"xla": (3, 2, 17, 16), "pallas": (3, 17, 2, 16)}
 
     @pytest.mark.parametrize("t", [1, 5])
     def test_pallas_through_dispatcher_with_mesh(self, t):

@@ -79,6 +79,24 @@ def test_greedy_with_cfg_uses_guided_logits(tiny_gpt):
     np.testing.assert_array_equal(got, seq)
 
 
+def test_argmax_and_categorical_equal_jax():
+    """The two-reduction argmax is jnp.argmax (first of ties, NaN first, -inf rows), and
+    categorical is jax.random.categorical draw for draw."""
+    from ddjax.teacher.base import argmax, categorical
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, 300))
+    x = x.at[1, 5].set(9.0).at[1, 7].set(9.0)  # a tie: the first wins
+    x = x.at[2, 11].set(jnp.nan).at[2, 3].set(jnp.inf).at[2, 20].set(jnp.nan)
+    x = x.at[3].set(-jnp.inf)
+    np.testing.assert_array_equal(argmax(x), jnp.argmax(x, axis=-1))
+    assert argmax(x).dtype == jnp.int32 and argmax(x)[1] == 5 and argmax(x)[2] == 11
+    logp = jax.nn.log_softmax(jnp.where(jnp.arange(300) % 7 == 0, -jnp.inf, x[4:] * 3), axis=-1)
+    for seed in range(5):
+        key = jax.random.PRNGKey(seed)
+        np.testing.assert_array_equal(categorical(key, logp),
+                                      jax.random.categorical(key, logp, axis=-1))
+
+
 def test_cfg_rule_by_hand():
     cond = jnp.array([[1.0, 2.0, 0.0]])
     uncond = jnp.array([[0.5, 3.0, 1.0]])
@@ -212,3 +230,37 @@ def test_greedy_cfg_over_cache_windows_equals_teacher_forcing(window_gpt, prefix
     top2 = np.sort(lg, -1)[..., -2:]
     assert (top2[..., 1] - top2[..., 0]).min() > 1e-4  # no near-ties for cache rounding to flip
     np.testing.assert_array_equal(got[:, prefix_len:], np.argmax(lg, -1))
+
+
+def test_bf16_dense_accumulates_in_float32():
+    """bf16 compute: inputs and weights rounded to bf16, the product accumulated in float32
+    (then rounded once), the head's logits left in float32."""
+    from ddjax.teacher.llamagen.layers import _dense, accumulating_dot
+
+    assert accumulating_dot(jnp.float32) is None
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 512))
+    dense = _dense(64, "w", jnp.bfloat16, jnp.float32)
+    p = dense.init(jax.random.PRNGKey(1), x)
+    out = dense.apply(p, x)
+    w = p["params"]["kernel"]
+    exact = jnp.dot(x.astype(jnp.bfloat16).astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32),
+                    precision="highest")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, exact.astype(jnp.bfloat16))
+    head_dot = accumulating_dot(jnp.bfloat16, jnp.float32)
+    y = head_dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (((1,), (0,)), ((), ())))
+    assert y.dtype == jnp.float32 and float(jnp.abs(y - exact).max()) < 1e-4
+
+
+def test_bf16_sampling_runs_and_mostly_agrees_with_f32(tiny_gpt):
+    """The bf16 loop (weights cast once, float32 accumulation) against f32, greedy with CFG."""
+    import dataclasses
+
+    cfg, params = tiny_gpt
+    cfg16 = dataclasses.replace(cfg, dtype=jnp.bfloat16)
+    s = SamplingSettings(cfg_scale=2.0, greedy=True)
+    labels = jnp.arange(4) % cfg.num_classes
+    a = sample(params, cfg, labels, jax.random.PRNGKey(0), s)
+    b = sample(params, cfg16, labels, jax.random.PRNGKey(0), s)
+    assert b.dtype == jnp.int32 and b.shape == a.shape
+    assert float((a[:, :4] == b[:, :4]).mean()) >= 0.75

@@ -11,6 +11,7 @@ from ddjax.kernels.attention import (
     attention_reference,
     available_implementations,
     default_implementation,
+    kv_cache_layout,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "attention_reference",
     "available_implementations",
     "default_implementation",
+    "kv_cache_layout",
 ]

@@ -28,10 +28,10 @@ from jax.sharding import PartitionSpec as P
 
 from ddjax.kernels.decode_attention import decode_attention
 from ddjax.kernels.flash_attention import flash_attention
-from ddjax.kernels.reference import attention_reference
+from ddjax.kernels.reference import KV_LAYOUTS, attention_reference
 
-__all__ = ["AVAILABLE_IMPLEMENTATIONS", "attention", "attention_reference", "available_implementations",
-           "default_implementation"]
+__all__ = ["AVAILABLE_IMPLEMENTATIONS", "KV_LAYOUTS", "attention", "attention_reference",
+           "available_implementations", "default_implementation", "kv_cache_layout"]
 
 # Every name `attention(implementation=...)` knows; `available_implementations()` lists those
 # that run on a given backend.
@@ -67,6 +67,18 @@ def default_implementation(q: jax.Array, backend: str | None = None) -> str:
     return "pallas" if backend == "tpu" else "xla"
 
 
+def kv_cache_layout(implementation: str | None, q: Any, backend: str | None = None) -> str:
+    """The KV-cache layout that suits the implementation used for queries like q.
+
+    "bhsd" (head-major) for XLA: its attention dots contract the cache in place, where a
+    [B, S, Hkv, D] cache is transposed to the dots' layout at every decoding step (on the CPU
+    that copy was the largest cost of a step). "bshd" for the fused kernels, which read the
+    sequence-major cache in place.
+    """
+    impl = implementation or default_implementation(q, backend)
+    return "bhsd" if impl == "xla" else "bshd"
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -80,6 +92,7 @@ def attention(
     interpret: bool | None = None,
     mesh: Mesh | None = None,
     batch_axes: str | tuple[str, ...] | None = None,
+    kv_layout: str = "bshd",
 ) -> jax.Array:
     """Dispatches to an attention implementation; shapes as in `attention_reference`.
 
@@ -92,6 +105,8 @@ def attention(
       mesh: pallas only: run the kernels per shard under `shard_map`, the batch dimension
         split over `batch_axes` (default: the mesh's 'data' and 'fsdp' axes, else all of its
         axes) and everything else replicated. XLA and cuDNN are partitioned by XLA itself.
+      kv_layout: "bshd" or "bhsd" (k, v head-major [B, Hkv, S, D]; see `kv_cache_layout`).
+        The kernels take "bshd": a head-major k, v is transposed for them.
     Returns:
       [B, T, H, D] in q's dtype.
     """
@@ -109,9 +124,13 @@ def attention(
             f"attention implementation {implementation!r} is not available on backend "
             f"{backend!r}; choose one of {available} or None"
         )
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     if implementation == "xla":
         return attention_reference(q, k, v, causal=causal, q_offset=q_offset, mask=mask,
-                                   scale=scale)
+                                   scale=scale, kv_layout=kv_layout)
+    if kv_layout == "bhsd":
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if mask is not None:
         raise ValueError(f"attention implementation {implementation!r} takes no explicit mask; "
                          "use implementation='xla' (or None)")

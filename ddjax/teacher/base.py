@@ -145,6 +145,27 @@ class Teacher(abc.ABC):
             raise ValueError(f"{what} has class labels outside [0, {self.num_classes})")
 
 
+# -- draws ---------------------------------------------------------------------------------------
+def argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` (the first maximum; NaN above everything), as two plain reductions.
+
+    XLA:CPU lowers argmax to a variadic (value, index) reduction that does not vectorise; a max
+    then a min over the matching indices is 3-4x faster on [32, 16384] and runs once per
+    generated token. int32 [...].
+    """
+    n = x.shape[-1]
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first_max = jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), iota, n), axis=-1)
+    first_nan = jnp.min(jnp.where(jnp.isnan(x), iota, n), axis=-1)
+    return jnp.where(first_nan < n, first_nan, first_max)
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """`jax.random.categorical(key, logits, axis=-1)`, draw for draw (the same Gumbel noise and
+    the same argmax), with the faster `argmax`. int32 [...]."""
+    return argmax(jax.random.gumbel(key, logits.shape, logits.dtype) + logits)
+
+
 # -- per-row randomness ------------------------------------------------------------------------
 def row_keys(key: jax.Array, rows: np.ndarray | jax.Array) -> jax.Array:
     """One raw PRNG key [B, 2] uint32 per global row index [B]: fold_in(key, row).
@@ -170,7 +191,7 @@ def row_keyed_multinomial(key: jax.Array, logp: jax.Array, position: jax.Array,
     del key
 
     def draw(k: jax.Array, lp: jax.Array) -> jax.Array:
-        return jax.random.categorical(jax.random.fold_in(k, position), lp, axis=-1)
+        return categorical(jax.random.fold_in(k, position), lp)
 
     if logp.ndim == 2:
         return jax.vmap(draw)(inputs, logp).astype(jnp.int32)
@@ -181,6 +202,6 @@ def row_keyed_multinomial(key: jax.Array, logp: jax.Array, position: jax.Array,
     def draw_step(k: jax.Array, lp: jax.Array) -> jax.Array:  # k [n, 2], lp [n, V]
         keys = jax.vmap(lambda kk, j: jax.random.fold_in(jax.random.fold_in(kk, position), j))(
             k, jnp.arange(n, dtype=jnp.uint32))
-        return jax.vmap(lambda kk, p: jax.random.categorical(kk, p, axis=-1))(keys, lp)
+        return jax.vmap(categorical)(keys, lp)
 
     return jax.vmap(draw_step)(inputs, logp).astype(jnp.int32)

@@ -23,6 +23,8 @@ from ddjax.teacher.llamagen.layers import (
     KVCache,
     RMSNorm,
     TransformerBlock,
+    accumulating_dot,
+    cache_layout,
     ffn_hidden_dim,
     rope_table_2d,
 )
@@ -228,7 +230,9 @@ class GPT(nn.Module):
         ]
         self.norm = RMSNorm(c.dim, c.norm_eps, **kw)
         # LlamaGen zero-initialises the output head.
-        self.output = nn.Dense(c.vocab_size, use_bias=False, kernel_init=nn.initializers.zeros, **kw)
+        # Logits leave the head in float32 (accumulated in float32 for bf16 compute).
+        self.output = nn.Dense(c.vocab_size, use_bias=False, kernel_init=nn.initializers.zeros,
+                               dot_general=accumulating_dot(c.dtype, jnp.float32), **kw)
         self.rope = jnp.asarray(rope_table_2d(c.grid_size, c.head_dim, c.rope_base, c.cls_token_num))
 
     # -- pieces ---------------------------------------------------------------------------
@@ -281,9 +285,18 @@ class GPT(nn.Module):
         return self.head(h), caches
 
 
+def cache_seq_axis(config: GPTConfig) -> int:
+    """The sequence axis of the KV cache arrays (`layers.cache_layout`): 2 head-major, else 1."""
+    layout = cache_layout(config.attention_impl, config.dtype, config.n_head, config.head_dim)
+    return 2 if layout == "bhsd" else 1
+
+
 def init_cache(config: GPTConfig, batch: int, dtype: Any = None) -> list[KVCache]:
-    """Zeroed KV caches, one {"k", "v"} of [B, cls + block_size, n_kv_head, head_dim] per layer."""
+    """Zeroed KV caches, one {"k", "v"} per layer: [B, n_kv_head, S, head_dim] on the XLA
+    attention path, [B, S, n_kv_head, head_dim] for the fused kernels (S = cls + block_size)."""
     shape = (batch, config.seq_len, config.kv_heads, config.head_dim)
+    if cache_seq_axis(config) == 2:
+        shape = (batch, config.kv_heads, config.seq_len, config.head_dim)
     dtype = as_dtype(dtype) if dtype is not None else config.dtype
     return [
         {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)

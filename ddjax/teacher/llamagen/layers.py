@@ -14,9 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddjax.kernels import attention as attention_op
+from ddjax.kernels import kv_cache_layout
 
 Dtype = Any
-KVCache = dict[str, jax.Array]  # {"k": [B, S, Hkv, D], "v": [B, S, Hkv, D]}
+# {"k", "v"}: [B, Hkv, S, D] on the XLA attention path, [B, S, Hkv, D] for the fused kernels
+# (`cache_layout`; `ddjax.kernels.kv_cache_layout` says why).
+KVCache = dict[str, jax.Array]
+
+
+def cache_layout(attention_impl: str | None, dtype: Dtype, n_head: int, head_dim: int) -> str:
+    """"bhsd" or "bshd": the KV-cache layout for this attention implementation and dtype."""
+    q = jax.ShapeDtypeStruct((1, 1, n_head, head_dim), dtype)
+    return kv_cache_layout(attention_impl, q)
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -80,6 +89,26 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * weight.astype(self.dtype)
 
 
+def accumulating_dot(dtype: Dtype, out_dtype: Dtype | None = None):
+    """A `dot_general` for nn.Dense that accumulates in float32 when `dtype` is bf16/f16.
+
+    The product is cast to `out_dtype` (default `dtype`). None for float32 (the default dot).
+    On the CPU a bf16 x bf16 -> bf16 dot is slower than f32, while bf16 inputs with float32
+    accumulation are faster (half the weight bytes); on GPU/TPU it is the usual mixed precision.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return None
+    out_dtype = dtype if out_dtype is None else out_dtype
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+        kwargs.pop("preferred_element_type", None)
+        out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                  preferred_element_type=jnp.float32, **kwargs)
+        return out.astype(out_dtype)
+
+    return dot_general
+
+
 def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, std: float = 0.02,
            use_bias: bool = False) -> nn.Dense:
     return nn.Dense(
@@ -88,6 +117,7 @@ def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, std: floa
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.initializers.normal(std),
+        dot_general=accumulating_dot(dtype),
         name=name,
     )
 
@@ -114,7 +144,7 @@ class Attention(nn.Module):
     """Grouped-query self-attention with a fused `wqkv` projection and an optional KV cache.
 
     Without a cache, the T inputs attend causally to themselves. With a cache (a dict of
-    static-size [B, S, Hkv, D] arrays), the inputs sit at absolute positions
+    static-size arrays in the `cache_layout` of this implementation), the inputs sit at absolute positions
     `cache_index + i`, are written into the cache, and attend to it; the updated cache is
     returned so the sampler can carry it as an explicit pytree.
     """
@@ -149,12 +179,17 @@ class Attention(nn.Module):
             out = attention_op(q, k, v, causal=True, implementation=self.attention_impl)
             new_cache = None
         else:
-            idx = (0, cache_index, 0, 0)
+            layout = cache_layout(self.attention_impl, q.dtype, self.n_head, hd)
+            if layout == "bhsd":
+                k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+                idx = (0, 0, cache_index, 0)
+            else:
+                idx = (0, cache_index, 0, 0)
             keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
             values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
             out = attention_op(
                 q, keys.astype(q.dtype), values.astype(q.dtype), causal=True,
-                q_offset=cache_index, implementation=self.attention_impl,
+                q_offset=cache_index, implementation=self.attention_impl, kv_layout=layout,
             )
             new_cache = {"k": keys, "v": values}
         out = _dense(self.dim, "wo", self.dtype, self.param_dtype)(out.reshape(b, t, self.dim))

@@ -27,8 +27,8 @@ from jax.sharding import Mesh
 
 from ddjax.kernels import default_implementation
 from ddjax.sharding import batch_sharding, batch_size_per_step, replicated
-from ddjax.teacher.base import TokenRule
-from ddjax.teacher.llamagen.gpt import GPT, GPTConfig, init_cache
+from ddjax.teacher.base import TokenRule, argmax, categorical
+from ddjax.teacher.llamagen.gpt import GPT, GPTConfig, cache_seq_axis, init_cache
 
 # rule(key, logp [B, V] float32 with -inf for removed tokens, position (int32 scalar),
 #      inputs: pytree of [B, ...] for this position) -> token ids [B] int32
@@ -126,12 +126,12 @@ def process_logits(logits: jax.Array, settings: SamplingSettings) -> jax.Array:
 
 def multinomial_rule(key: jax.Array, logp: jax.Array, position: jax.Array, inputs: Any) -> jax.Array:
     del position, inputs
-    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+    return categorical(key, logp)
 
 
 def greedy_rule(key: jax.Array, logp: jax.Array, position: jax.Array, inputs: Any) -> jax.Array:
     del key, position, inputs
-    return jnp.argmax(logp, axis=-1).astype(jnp.int32)
+    return argmax(logp)
 
 
 # -- the loop -----------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def greedy_rule(key: jax.Array, logp: jax.Array, position: jax.Array, inputs: An
 class LoopState:
     tokens: jax.Array  # [B, L] int32
     logits: jax.Array  # [rows, V] raw logits for the next token (rows = 2B with CFG)
-    caches: list  # per-layer {"k", "v"} [rows, S, Hkv, D]
+    caches: list  # per-layer {"k", "v"}: [rows, Hkv, S, D] (XLA) or [rows, S, Hkv, D]
 
 
 def _null_cond(config: GPTConfig, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -185,6 +185,11 @@ def _sample_impl(params, cond, key, prefix, rule_inputs, *, config: GPTConfig,
                  settings: SamplingSettings, rule: TokenRule, prefix_len: int,
                  num_tokens: int, mesh: Mesh | None):
     model = GPT(config)
+    if jnp.dtype(config.dtype) != jnp.dtype(config.param_dtype):
+        # Every use casts the weights to the compute dtype: cast them once, not at every step
+        # (the same values; the loop then reads half the bytes in bf16).
+        params = jax.tree_util.tree_map(
+            lambda x: x.astype(config.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     apply = functools.partial(model.apply, {"params": params})
     b = cond.shape[0]
     cfg = settings.use_cfg
@@ -198,11 +203,16 @@ def _sample_impl(params, cond, key, prefix, rule_inputs, *, config: GPTConfig,
 
     caches = init_cache(config, rows)
     window = DECODE_WINDOW if _uses_xla_attention(config, rows) else None
+    axis = cache_seq_axis(config)
+
+    def rows_of(x, n):
+        return jax.lax.slice_in_dim(x, 0, n, axis=axis)
+
     if window:
         # The last token is drawn but never fed back: c + num_tokens - 1 rows suffice.
-        caches = [{n: x[:, : c + num_tokens - 1] for n, x in layer.items()} for layer in caches]
+        caches = [{n: rows_of(x, c + num_tokens - 1) for n, x in layer.items()} for layer in caches]
     caches = jax.tree_util.tree_map(constrain, caches)
-    cache_len = caches[0]["k"].shape[1]
+    cache_len = caches[0]["k"].shape[axis]
     if cfg:
         cond_rows, drop = _null_cond(config, cond)
         logits, caches = apply(cond_rows, caches, drop, method=GPT.prefill)
@@ -238,10 +248,10 @@ def _sample_impl(params, cond, key, prefix, rule_inputs, *, config: GPTConfig,
     for first, end, n in _segments(prefix_len, num_tokens - 1, c, cache_len, window):
         # Every row past the window lies past the positions this segment feeds (masked by
         # causality), so the window attends to exactly the keys the full cache would.
-        part = [{k: x[:, :n] for k, x in layer.items()} for layer in state.caches]
+        part = [{k: rows_of(x, n) for k, x in layer.items()} for layer in state.caches]
         part = jax.lax.fori_loop(first, end, body, state.replace(caches=part))
         caches = jax.tree_util.tree_map(
-            lambda full, x: jax.lax.dynamic_update_slice_in_dim(full, x, 0, axis=1),
+            lambda full, x: jax.lax.dynamic_update_slice_in_dim(full, x, 0, axis=axis),
             state.caches, part.caches,
         )
         state = part.replace(caches=caches)

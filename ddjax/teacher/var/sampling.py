@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ddjax.sharding import batch_sharding, batch_size_per_step, replicated
+from ddjax.teacher.base import argmax, categorical
 from ddjax.teacher.var.model import VAR, VARConfig, init_cache
 from ddjax.teacher.var.vqvae import VQVAE, VQVAEConfig
 
@@ -163,12 +164,12 @@ def filter_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) ->
 def multinomial_rule(key: jax.Array, logp: jax.Array, si: int, inputs: Any) -> jax.Array:
     """VAR's draw: one independent categorical sample per position."""
     del si, inputs
-    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+    return categorical(key, logp)
 
 
 def greedy_rule(key: jax.Array, logp: jax.Array, si: int, inputs: Any) -> jax.Array:
     del key, si, inputs
-    return jnp.argmax(logp, axis=-1).astype(jnp.int32)
+    return argmax(logp)
 
 
 # -- the program ------------------------------------------------------------------------------
