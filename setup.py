@@ -27,6 +27,8 @@ EXTRAS_REQUIRE = {
              "ipykernel>=6.29"],
     # Reading `.pt` pickles, exporting `.pt` files and the parity tests against PyTorch.
     "torch": ["torch>=2.1"],
+    # benchmarks/profile_step.py's per-op table (it writes the trace without it).
+    "bench": ["xprof>=2.20"],
 }
 
 setup(

@@ -7,7 +7,7 @@
 
 Same model and settings as benchmarks/teacher_sampling.py (GPT-B dimensions, random weights,
 CFG 2.0, top-k 8000). The trace is written to --trace (TensorBoard's or XProf's profile tab
-shows it); with the `xprof` package installed (`pip install xprof`) the script also prints the
+shows it); with the `xprof` package installed (`pip install -e .[bench]`) the script also prints the
 device time of each HLO op summed over the call, grouped by the model operation it comes from
 (the op_name metadata with layer indices folded: `L/feed_forward/w1/dot_general` sums all 12
 layers), with the share of the total. On the CPU, XLA runs independent ops concurrently (w1 and
