@@ -294,9 +294,10 @@ def cache_seq_axis(config: GPTConfig) -> int:
 def init_cache(config: GPTConfig, batch: int, dtype: Any = None) -> list[KVCache]:
     """Zeroed KV caches, one {"k", "v"} per layer: [B, n_kv_head, S, head_dim] on the XLA
     attention path, [B, S, n_kv_head, head_dim] for the fused kernels (S = cls + block_size)."""
-    shape = (batch, config.seq_len, config.kv_heads, config.head_dim)
     if cache_seq_axis(config) == 2:
         shape = (batch, config.kv_heads, config.seq_len, config.head_dim)
+    else:
+        shape = (batch, config.seq_len, config.kv_heads, config.head_dim)
     dtype = as_dtype(dtype) if dtype is not None else config.dtype
     return [
         {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)
