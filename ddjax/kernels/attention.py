@@ -3,7 +3,8 @@
 One signature serves teacher forcing (`q_offset=0`, T == S), prefill and KV-cache decoding
 (queries at absolute positions `q_offset + i` against a static-size cache of S keys: keys
 past the current position are masked by causality alone, so no separate length is needed).
-An explicit boolean `mask` [T, S] (VAR's block-causal mask) is taken by the XLA path only;
+An explicit boolean `mask` [T, S] (VAR's block-causal mask) or [B, T, S] (caption padding) is
+taken by the XLA path only;
 `scale` replaces the default softmax scale 1/sqrt(D) (pallas and cudnn get it by pre-scaling q).
 
 `attention(..., implementation=...)` dispatches by name:

@@ -27,7 +27,8 @@ def attention_reference(
         (query head h reads kv head h // (H // Hkv), as `repeat_interleave` in LlamaGen).
       causal: mask key j for query i when j > q_offset + i.
       q_offset: scalar int (may be traced).
-      mask: optional [T, S] bool (True: attend), combined with `causal`.
+      mask: optional [T, S] or per-example [B, T, S] bool (True: attend), combined with
+        `causal`.
       scale: softmax scale (default 1/sqrt(D)).
       kv_layout: "bshd" (k, v as above) or "bhsd" (head-major [B, Hkv, S, D], the layout the
         XLA decoding cache keeps: the dots then read it in place instead of transposing it).
@@ -49,13 +50,16 @@ def attention_reference(
         scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
     elif scale != 1.0:
         scores = scores * jnp.float32(scale)
+    if mask is not None and tuple(mask.shape) not in ((t, s), (b, t, s)):
+        raise ValueError(f"mask must be [T, S] = [{t}, {s}] or [B, T, S] = [{b}, {t}, {s}], "
+                         f"got {tuple(mask.shape)}")
     if causal:
         q_pos = q_offset + jnp.arange(t)
         allowed = jnp.arange(s)[None, :] <= q_pos[:, None]  # [T, S]
         mask = allowed if mask is None else (allowed & mask)
     if mask is not None:
-        if mask.shape != (t, s):
-            raise ValueError(f"mask must be [T, S] = [{t}, {s}], got {mask.shape}")
+        if mask.ndim == 3:  # [B, T, S] -> scores' [B, Hkv, rep, T, S]
+            mask = mask[:, None, None]
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if head_major:

@@ -106,6 +106,17 @@ class Teacher(abc.ABC):
         position given the tokens before it (teacher forcing): log-probs [B, L, V] float32 with
         -inf for removed tokens."""
 
+    @property
+    def caption_conditioned(self) -> bool:
+        """True for a text-conditional teacher: the pipeline's integer conditions are caption
+        ids that `resolve_cond` turns into caption features."""
+        return False
+
+    def resolve_cond(self, cond: Any) -> Any:
+        """The pipeline's integer conditions [B] (class labels, or a text-conditional teacher's
+        caption ids) -> what the networks take (a t2i teacher looks captions up on the host)."""
+        return cond
+
     def with_params(self, params: Any) -> Teacher:
         """The same teacher with other network weights (e.g. placed on a mesh)."""
         out = object.__new__(type(self))

@@ -20,6 +20,7 @@ from ddjax.teacher.llamagen import gpt as gpt_lib
 from ddjax.teacher.llamagen import loading
 from ddjax.teacher.llamagen import sampling as sampling_lib
 from ddjax.teacher.llamagen import vq as vq_lib
+from ddjax.teacher.llamagen.captions import Captions, CaptionSet, is_captions
 
 
 def vq_codebook(vq_params: Any, vq_cfg: vq_lib.VQConfig) -> np.ndarray:
@@ -35,7 +36,8 @@ def _log_probs(params: Any, tokens: jax.Array, cond: jax.Array, *, config: gpt_l
         b = tokens.shape[0]
         drop = jnp.concatenate([jnp.zeros(b, bool), jnp.ones(b, bool)])
         both = model.apply({"params": params}, jnp.concatenate([tokens, tokens]),
-                           jnp.concatenate([cond, cond]), drop=drop)
+                           jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), cond),
+                           drop=drop)
         pos = jnp.arange(tokens.shape[1])
         use = (settings.cfg_interval < 0) | (pos <= settings.cfg_interval + 1)
         logits = sampling_lib.guide(both[:b], both[b:], settings.cfg_scale, use[None, :, None])
@@ -51,9 +53,18 @@ class LlamaGenTeacher(Teacher):
 
     def __init__(self, config: gpt_lib.GPTConfig, params: Any, tokenizer_config: vq_lib.VQConfig | None,
                  tokenizer_params: Any, *, variant: str = "", checkpoint: str = "",
-                 codebook: np.ndarray | None = None):
-        """codebook: [K, d], only without a tokenizer (`from_codebook`); else the VQ's."""
+                 codebook: np.ndarray | None = None, captions: CaptionSet | None = None):
+        """codebook: [K, d], only without a tokenizer (`from_codebook`); else the VQ's.
+        captions: t2i only, the caption table that integer conditions index (`resolve_cond`)."""
         self.config, self.params = config, params
+        if captions is not None:
+            if config.model_type != "t2i":
+                raise ValueError("a caption set is for a t2i teacher; this GPT is c2i")
+            if (captions.max_len, captions.caption_dim) != (config.cls_token_num, config.caption_dim):
+                raise ValueError(f"the caption set holds [{captions.max_len}, {captions.caption_dim}] "
+                                 f"captions, the GPT takes [{config.cls_token_num}, "
+                                 f"{config.caption_dim}] (cls_token_num, caption_dim)")
+        self.captions = captions
         self.tokenizer_config, self.tokenizer_params = tokenizer_config, tokenizer_params
         self.variant, self.checkpoint = variant or config.model_type, checkpoint
         if tokenizer_config is not None:
@@ -95,7 +106,40 @@ class LlamaGenTeacher(Teacher):
 
     @property
     def num_classes(self) -> int:
-        return self.config.num_classes if self.config.model_type == "c2i" else 0
+        """c2i: the classes. t2i: the captions of the caption set (0 without one)."""
+        if self.config.model_type == "c2i":
+            return self.config.num_classes
+        return len(self.captions) if self.captions is not None else 0
+
+    @property
+    def caption_conditioned(self) -> bool:
+        return self.config.model_type == "t2i"
+
+    def with_captions(self, captions: CaptionSet | None) -> LlamaGenTeacher:
+        """The same t2i teacher over another caption table."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        LlamaGenTeacher.__init__(out, self.config, self.params, self.tokenizer_config,
+                                 self.tokenizer_params, variant=self.variant,
+                                 checkpoint=self.checkpoint, codebook=self.codebook,
+                                 captions=captions)
+        return out
+
+    def resolve_cond(self, cond: Any) -> Any:
+        """Labels [B] (c2i), Captions, or t2i caption ids [B] -> what the network takes:
+        ids are looked up in the caption set on the host."""
+        if self.config.model_type == "c2i" or is_captions(cond):
+            return cond
+        ids = np.asarray(cond)
+        if ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer):
+            if self.captions is None:
+                raise ValueError("integer conditions of a t2i teacher are caption ids: give the "
+                                 "teacher a caption set (config.captions.path) or pass Captions")
+            return self.captions.lookup(ids)
+        if ids.ndim == 3:  # bare features: all tokens real
+            return Captions(ids.astype(np.float32), np.ones(ids.shape[:2], bool))
+        raise ValueError(f"a t2i condition must be Captions, caption ids [B] or features "
+                         f"[B, N, caption_dim], got {ids.dtype} {ids.shape}")
 
     @property
     def boundaries(self) -> tuple[int, ...]:
@@ -119,13 +163,15 @@ class LlamaGenTeacher(Teacher):
                rule: TokenRule | None = None, rule_inputs: Any = None,
                prefix_ids: jax.Array | None = None, prefix_len: int = 0,
                num_tokens: int | None = None, mesh: Any = None) -> jax.Array:
-        return sampling_lib.sample(self.params, self.config, cond, key, settings, rule=rule,
+        return sampling_lib.sample(self.params, self.config, self.resolve_cond(cond), key,
+                                   settings, rule=rule,
                                    rule_inputs=rule_inputs, prefix_ids=prefix_ids,
                                    prefix_len=prefix_len, num_tokens=num_tokens, mesh=mesh)
 
     def log_probs(self, tokens: jax.Array, cond: jax.Array,
                   settings: sampling_lib.SamplingSettings) -> jax.Array:
-        return _log_probs(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(cond),
+        cond = jax.tree_util.tree_map(jnp.asarray, self.resolve_cond(cond))
+        return _log_probs(self.params, jnp.asarray(tokens, jnp.int32), cond,
                           config=self.config, settings=settings)
 
     # -- the tokenizer -----------------------------------------------------------------------

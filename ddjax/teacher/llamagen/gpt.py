@@ -1,8 +1,9 @@
 """LlamaGen's GPT (`autoregressive/models/gpt.py`) as a Flax Linen module.
 
 Class-conditional (`c2i`, one class token, class table with a null row for CFG) and
-text-conditional (`t2i`, caption features through an MLP, a learned unconditional caption).
-Three entry points share the weights:
+text-conditional (`t2i`, caption features through an MLP, a learned unconditional caption;
+the condition is a `captions.Captions` batch whose padding mask is applied as LlamaGen's
+`emb_masks`). Three entry points share the weights:
   * `__call__`  teacher forcing: logits [B, L, vocab] aligned with the tokens;
   * `prefill`   the condition tokens into a KV cache, logits for the first image token;
   * `decode`    T new tokens against the cache, logits [B, T, vocab].
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddjax.teacher.llamagen.captions import check_captions, is_captions
+from ddjax.teacher.llamagen.captions import key_mask as caption_key_mask
 from ddjax.teacher.llamagen.layers import (
     KVCache,
     RMSNorm,
@@ -182,7 +185,13 @@ class CaptionEmbedder(nn.Module):
             rand = jax.random.uniform(self.make_rng("dropout"), caption.shape[:1]) < self.uncond_prob
             drop = rand if drop is None else (drop | rand)
         if drop is not None:
-            caption = jnp.where(drop[:, None, None], uncond.astype(caption.dtype), caption)
+            # LlamaGen always keeps 120 rows (and samples only 120-token captions): a shorter
+            # caption uses the first rows.
+            if caption.shape[1] > self.token_num:
+                raise ValueError(f"captions of {caption.shape[1]} tokens exceed the "
+                                 f"{self.token_num} rows of uncond_embedding")
+            null = uncond[: caption.shape[1]].astype(caption.dtype)
+            caption = jnp.where(drop[:, None, None], null, caption)
         return CaptionMLP(self.dim, self.dtype, self.param_dtype, name="cap_proj")(caption)
 
 
@@ -236,18 +245,36 @@ class GPT(nn.Module):
         self.rope = jnp.asarray(rope_table_2d(c.grid_size, c.head_dim, c.rope_base, c.cls_token_num))
 
     # -- pieces ---------------------------------------------------------------------------
-    def embed_cond(self, cond: jax.Array, drop: jax.Array | None = None, train: bool = False):
-        """cond: labels [B] (c2i) or caption features [B, N, caption_dim] (t2i) -> [B, cls, dim]."""
-        return self.cls_embedding(cond, drop, train)[:, : self.config.cls_token_num]
+    def embed_cond(self, cond: Any, drop: jax.Array | None = None, train: bool = False):
+        """cond: labels [B] (c2i) or `Captions` [B, cls, caption_dim] (t2i; bare caption
+        features [B, cls, caption_dim] are taken as unpadded) -> [B, cls, dim]."""
+        c = self.config
+        if c.model_type == "t2i":
+            if is_captions(cond):
+                check_captions(cond, c.cls_token_num, c.caption_dim)
+                # Padding is zeroed as LlamaGen's sample_t2i does (c_indices = emb * mask): it
+                # then cannot matter even for an empty caption, whose last (padded) position
+                # sees only itself. The null caption replaces the zeroed rows whole.
+                cond = cond.features * jnp.asarray(cond.mask)[..., None].astype(cond.features.dtype)
+            elif (cond.ndim != 3 or cond.shape[1] < c.cls_token_num
+                  or cond.shape[2] != c.caption_dim):
+                # As LlamaGen, longer features are cut to their first cls_token_num tokens.
+                raise ValueError(f"a t2i GPT takes caption features [B, {c.cls_token_num}, "
+                                 f"{c.caption_dim}] (or Captions), got {tuple(cond.shape)}")
+        elif is_captions(cond):
+            raise ValueError("a c2i GPT takes class labels [B], got Captions")
+        return self.cls_embedding(cond, drop, train)[:, : c.cls_token_num]
 
     def blocks(self, h: jax.Array, start: jax.Array | int, caches: list[KVCache] | None = None,
-               train: bool = False) -> tuple[jax.Array, list[KVCache] | None]:
-        """Runs all blocks on h [B, T, dim] at absolute positions start..start+T-1."""
+               train: bool = False, key_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, list[KVCache] | None]:
+        """Runs all blocks on h [B, T, dim] at absolute positions start..start+T-1.
+        key_mask [B, S] (S = T, or the cache length): keys hidden from other positions."""
         rope = jax.lax.dynamic_slice_in_dim(self.rope, start, h.shape[1], axis=0)
         new_caches = [] if caches is not None else None
         for i, layer in enumerate(self.layers):
             cache = caches[i] if caches is not None else None
-            h, cache = layer(h, rope, cache, start, not train)
+            h, cache = layer(h, rope, cache, start, not train, key_mask)
             if new_caches is not None:
                 new_caches.append(cache)
         return h, new_caches
@@ -257,7 +284,7 @@ class GPT(nn.Module):
         return self.output(self.norm(h)).astype(jnp.float32)
 
     # -- entry points ---------------------------------------------------------------------
-    def __call__(self, tokens: jax.Array, cond: jax.Array, *, drop: jax.Array | None = None,
+    def __call__(self, tokens: jax.Array, cond: Any, *, drop: jax.Array | None = None,
                  train: bool = False) -> jax.Array:
         """Teacher forcing. tokens [B, L] int, cond as in `embed_cond` -> logits [B, L, vocab].
 
@@ -271,17 +298,21 @@ class GPT(nn.Module):
             [self.embed_cond(cond, drop, train), self.tok_embeddings(tokens[:, :-1])], axis=1
         )
         h = self.tok_dropout(h, deterministic=not train)
-        h, _ = self.blocks(h, 0, None, train)
+        h, _ = self.blocks(h, 0, None, train, caption_key_mask(cond, h.shape[1]))
         return self.head(h[:, c.cls_token_num - 1 :])
 
-    def prefill(self, cond: jax.Array, caches: list[KVCache], drop: jax.Array | None = None):
-        """Writes the condition tokens at positions 0..cls-1 -> (logits [B, vocab], caches)."""
-        h, caches = self.blocks(self.embed_cond(cond, drop), 0, caches)
+    def prefill(self, cond: Any, caches: list[KVCache], drop: jax.Array | None = None,
+                key_mask: jax.Array | None = None):
+        """Writes the condition tokens at positions 0..cls-1 -> (logits [B, vocab], caches).
+        key_mask [B, cache length]: `captions.key_mask` of the cond (None: all visible)."""
+        h, caches = self.blocks(self.embed_cond(cond, drop), 0, caches, key_mask=key_mask)
         return self.head(h[:, -1]), caches
 
-    def decode(self, tokens: jax.Array, caches: list[KVCache], index: jax.Array | int):
-        """tokens [B, T] at absolute positions index.. (index >= cls_token_num) -> logits [B, T, vocab]."""
-        h, caches = self.blocks(self.tok_embeddings(tokens), index, caches)
+    def decode(self, tokens: jax.Array, caches: list[KVCache], index: jax.Array | int,
+               key_mask: jax.Array | None = None):
+        """tokens [B, T] at absolute positions index.. (index >= cls_token_num) -> logits [B, T, vocab].
+        key_mask [B, cache length] as in `prefill`."""
+        h, caches = self.blocks(self.tok_embeddings(tokens), index, caches, key_mask=key_mask)
         return self.head(h), caches
 
 
@@ -310,7 +341,7 @@ def init_params(config: GPTConfig, rng: jax.Array) -> Any:
     cond = (
         jnp.zeros((b,), jnp.int32)
         if config.model_type == "c2i"
-        else jnp.zeros((b, 120, config.caption_dim), jnp.float32)
+        else jnp.zeros((b, config.cls_token_num, config.caption_dim), jnp.float32)
     )
     tokens = jnp.zeros((b, 2), jnp.int32)
     return GPT(config).init(rng, tokens, cond)["params"]

@@ -147,6 +147,10 @@ class Attention(nn.Module):
     static-size arrays in the `cache_layout` of this implementation), the inputs sit at absolute positions
     `cache_index + i`, are written into the cache, and attend to it; the updated cache is
     returned so the sampler can carry it as an explicit pytree.
+
+    `key_mask` [B, S] (S = T without a cache, else the cache length) hides keys from every query
+    but the one at the key's own position: LlamaGen's caption padding (`emb_masks`, with the
+    diagonal kept so a padded position still attends to itself). It runs on the XLA path.
     """
 
     dim: int
@@ -165,6 +169,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
+        key_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         b, t, _ = x.shape
         hd = self.dim // self.n_head
@@ -176,7 +181,9 @@ class Attention(nn.Module):
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
         if cache is None:
-            out = attention_op(q, k, v, causal=True, implementation=self.attention_impl)
+            mask = None if key_mask is None else padding_mask(key_mask, 0, t)
+            out = attention_op(q, k, v, causal=mask is None, mask=mask,
+                               implementation="xla" if mask is not None else self.attention_impl)
             new_cache = None
         else:
             layout = cache_layout(self.attention_impl, q.dtype, self.n_head, hd)
@@ -187,14 +194,25 @@ class Attention(nn.Module):
                 idx = (0, cache_index, 0, 0)
             keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
             values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
+            mask = None if key_mask is None else padding_mask(key_mask, cache_index, t)
             out = attention_op(
-                q, keys.astype(q.dtype), values.astype(q.dtype), causal=True,
-                q_offset=cache_index, implementation=self.attention_impl, kv_layout=layout,
+                q, keys.astype(q.dtype), values.astype(q.dtype), causal=mask is None, mask=mask,
+                q_offset=cache_index, kv_layout=layout,
+                implementation="xla" if mask is not None else self.attention_impl,
             )
             new_cache = {"k": keys, "v": values}
         out = _dense(self.dim, "wo", self.dtype, self.param_dtype)(out.reshape(b, t, self.dim))
         out = nn.Dropout(self.resid_dropout)(out, deterministic=deterministic)
         return out, new_cache
+
+
+def padding_mask(key_mask: jax.Array, q_offset: jax.Array | int, t: int) -> jax.Array:
+    """[B, T, S] bool: query i (at q_offset + i) sees key j <= its position where key_mask[b, j],
+    and always its own position (LlamaGen's eye, so a padded position never sees nothing)."""
+    s = key_mask.shape[1]
+    q_pos = q_offset + jnp.arange(t)[:, None]
+    j = jnp.arange(s)[None, :]
+    return (j <= q_pos)[None] & (key_mask[:, None, :] | (j == q_pos)[None])
 
 
 class TransformerBlock(nn.Module):
@@ -220,13 +238,13 @@ class TransformerBlock(nn.Module):
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
     @nn.compact
-    def __call__(self, x, rope, cache=None, cache_index=0, deterministic=True):
+    def __call__(self, x, rope, cache=None, cache_index=0, deterministic=True, key_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn_out, new_cache = Attention(
             self.dim, self.n_head, self.n_kv_head, self.resid_dropout,
             attention_impl=self.attention_impl, name="attention", **kw,
         )(RMSNorm(self.dim, self.norm_eps, name="attention_norm", **kw)(x), rope, cache,
-          cache_index, deterministic)
+          cache_index, deterministic, key_mask)
         h = x + self._drop_path(attn_out, deterministic)
         ffn_out = FeedForward(self.dim, self.ffn_hidden, self.ffn_dropout, name="feed_forward", **kw)(
             RMSNorm(self.dim, self.norm_eps, name="ffn_norm", **kw)(h), deterministic

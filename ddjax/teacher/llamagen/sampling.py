@@ -28,6 +28,8 @@ from jax.sharding import Mesh
 from ddjax.kernels import default_implementation
 from ddjax.sharding import batch_sharding, batch_size_per_step, replicated
 from ddjax.teacher.base import TokenRule, argmax, categorical
+from ddjax.teacher.llamagen.captions import batch_size as cond_batch
+from ddjax.teacher.llamagen.captions import key_mask as caption_key_mask
 from ddjax.teacher.llamagen.gpt import GPT, GPTConfig, cache_seq_axis, init_cache
 
 # rule(key, logp [B, V] float32 with -inf for removed tokens, position (int32 scalar),
@@ -140,12 +142,14 @@ class LoopState:
     tokens: jax.Array  # [B, L] int32
     logits: jax.Array  # [rows, V] raw logits for the next token (rows = 2B with CFG)
     caches: list  # per-layer {"k", "v"}: [rows, Hkv, S, D] (XLA) or [rows, S, Hkv, D]
+    key_mask: Any = None  # [rows, S] caption padding (t2i) or None
 
 
-def _null_cond(config: GPTConfig, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(condition rows, drop mask) with cond/null interleaved: [c0, n0, c1, n1, ...]."""
-    b = cond.shape[0]
-    both = jnp.repeat(cond, 2, axis=0)
+def _null_cond(config: GPTConfig, cond: Any) -> tuple[Any, jax.Array]:
+    """(condition rows, drop mask) with cond/null interleaved: [c0, n0, c1, n1, ...]. A null
+    caption row keeps its caption's padding mask, as LlamaGen's generate() does."""
+    b = cond_batch(cond)
+    both = jax.tree_util.tree_map(lambda x: jnp.repeat(x, 2, axis=0), cond)
     drop = jnp.tile(jnp.array([False, True]), b)
     return both, drop
 
@@ -191,7 +195,7 @@ def _sample_impl(params, cond, key, prefix, rule_inputs, *, config: GPTConfig,
         params = jax.tree_util.tree_map(
             lambda x: x.astype(config.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     apply = functools.partial(model.apply, {"params": params})
-    b = cond.shape[0]
+    b = cond_batch(cond)
     cfg = settings.use_cfg
     rows = 2 * b if cfg else b
     c = config.cls_token_num
@@ -213,17 +217,17 @@ def _sample_impl(params, cond, key, prefix, rule_inputs, *, config: GPTConfig,
         caches = [{n: rows_of(x, c + num_tokens - 1) for n, x in layer.items()} for layer in caches]
     caches = jax.tree_util.tree_map(constrain, caches)
     cache_len = caches[0]["k"].shape[axis]
-    if cfg:
-        cond_rows, drop = _null_cond(config, cond)
-        logits, caches = apply(cond_rows, caches, drop, method=GPT.prefill)
-    else:
-        logits, caches = apply(cond, caches, None, method=GPT.prefill)
+    cond_rows, drop = _null_cond(config, cond) if cfg else (cond, None)
+    key_mask = caption_key_mask(cond_rows, cache_len)
+    if key_mask is not None:
+        key_mask = constrain(key_mask)
+    logits, caches = apply(cond_rows, caches, drop, key_mask, method=GPT.prefill)
     tokens = jnp.zeros((b, num_tokens), jnp.int32)
     if prefix_len:
         p = prefix[:, :prefix_len].astype(jnp.int32)
         tokens = tokens.at[:, :prefix_len].set(p)
         fed = jnp.repeat(p, 2, axis=0) if cfg else p
-        step_logits, caches = apply(fed, caches, c, method=GPT.decode)
+        step_logits, caches = apply(fed, caches, c, key_mask, method=GPT.decode)
         logits = step_logits[:, -1]
 
     def pick(state: LoopState, i: jax.Array) -> jax.Array:
@@ -241,20 +245,23 @@ def _sample_impl(params, cond, key, prefix, rule_inputs, *, config: GPTConfig,
     def body(i, state: LoopState) -> LoopState:
         tok = pick(state, i)
         fed = jnp.repeat(tok, 2, axis=0) if cfg else tok
-        step_logits, caches = apply(fed[:, None], state.caches, c + i, method=GPT.decode)
-        return LoopState(state.tokens.at[:, i].set(tok), step_logits[:, 0], caches)
+        step_logits, caches = apply(fed[:, None], state.caches, c + i, state.key_mask,
+                                    method=GPT.decode)
+        return LoopState(state.tokens.at[:, i].set(tok), step_logits[:, 0], caches,
+                         state.key_mask)
 
-    state = LoopState(tokens, logits, caches)
+    state = LoopState(tokens, logits, caches, key_mask)
     for first, end, n in _segments(prefix_len, num_tokens - 1, c, cache_len, window):
         # Every row past the window lies past the positions this segment feeds (masked by
         # causality), so the window attends to exactly the keys the full cache would.
         part = [{k: rows_of(x, n) for k, x in layer.items()} for layer in state.caches]
-        part = jax.lax.fori_loop(first, end, body, state.replace(caches=part))
+        part_mask = None if key_mask is None else key_mask[:, :n]
+        part = jax.lax.fori_loop(first, end, body, state.replace(caches=part, key_mask=part_mask))
         caches = jax.tree_util.tree_map(
             lambda full, x: jax.lax.dynamic_update_slice_in_dim(full, x, 0, axis=axis),
             state.caches, part.caches,
         )
-        state = part.replace(caches=caches)
+        state = part.replace(caches=caches, key_mask=key_mask)
     last = pick(state, jnp.int32(num_tokens - 1))
     return state.tokens.at[:, num_tokens - 1].set(last)
 
@@ -288,7 +295,8 @@ def sample(
     Args:
       params: GPT params.
       config: the GPTConfig (static).
-      cond: class labels [B] int (c2i) or caption features [B, N, caption_dim] (t2i).
+      cond: class labels [B] int (c2i) or a `captions.Captions` batch (t2i: features
+        [B, cls_token_num, caption_dim], left-padded, with their padding mask).
       key: PRNG key; token i uses fold_in(key, i), so a continuation from a prefix draws the
         same randomness for the same positions.
       settings: CFG / temperature / top-k / top-p / greedy.
@@ -308,7 +316,7 @@ def sample(
         raise ValueError(f"num_tokens must be in [1, {config.block_size}], got {num_tokens}")
     if not 0 <= prefix_len < num_tokens:
         raise ValueError(f"prefix_len must be in [0, {num_tokens}), got {prefix_len}")
-    b = cond.shape[0]
+    b = cond_batch(cond)
     if prefix_len and (prefix_ids is None or prefix_ids.shape[0] != b
                        or prefix_ids.shape[1] < prefix_len):
         raise ValueError(f"prefix_ids must be [{b}, >={prefix_len}] for prefix_len={prefix_len}")
