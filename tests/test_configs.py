@@ -105,7 +105,7 @@ def test_flow_defaults_are_flow_settings_defaults():
     assert dict(llamagen.get_config("B").flow) == dataclasses.asdict(FlowSettings())
 
 
-@pytest.mark.parametrize("name", ["llamagen.py", "digits.py", "var.py", "common.py"])
+@pytest.mark.parametrize("name", ["llamagen.py", "llamagen_t2i.py", "digits.py", "var.py", "common.py"])
 def test_configs_are_plain_data(name):
     """No library imports, file reads or sys.path edits inside a config file."""
     tree = ast.parse(open(os.path.join(CONFIG_DIR, name)).read())

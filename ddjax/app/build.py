@@ -25,6 +25,7 @@ from ddjax.student.train import ImageLoss, TrainSettings
 from ddjax.teacher.base import Teacher
 from ddjax.teacher.llamagen import gpt as gpt_lib
 from ddjax.teacher.llamagen import vq as vq_lib
+from ddjax.teacher.llamagen.captions import CaptionSet
 from ddjax.teacher.llamagen.family import LlamaGenTeacher
 from ddjax.teacher.llamagen.loading import load_gpt, load_vq
 from ddjax.teacher.var import model as var_lib
@@ -62,12 +63,41 @@ def _load_or_init(block: Any, what: str, load_fn, init_fn, cfg, seed: int):
     return init_fn(cfg, jax.random.PRNGKey(seed))
 
 
+def caption_set(config: Any) -> CaptionSet | None:
+    """config.captions.path: a CaptionSet `.npz` or a directory of LlamaGen T5 `.npy` files
+    (None when the config has no captions block or an empty path)."""
+    block = config.get("captions")
+    path = resolve_path(block.path) if block is not None else ""
+    if block is not None and block.get("random", 0) and not path:
+        dim = config.teacher.model.caption_dim
+        return random_captions(int(block.random), block.max_len, dim, config.seed)
+    if not path:
+        return None
+    logging.info("loading captions from %s", path)
+    if os.path.isdir(path):
+        return CaptionSet.from_feature_dir(path, max_len=block.max_len)
+    return CaptionSet.load(path)
+
+
+def random_captions(num: int, max_len: int, dim: int, seed: int) -> CaptionSet:
+    """Seeded random captions of 1..max_len tokens, left-padded (tiny runs and tests)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_len + 1, num)
+    mask = np.arange(max_len)[None, :] >= (max_len - lengths)[:, None]
+    feats = rng.normal(size=(num, max_len, dim)).astype(np.float32) * mask[..., None]
+    return CaptionSet(feats, mask, texts=[f"random caption {i}" for i in range(num)])
+
+
 def build_llamagen(config: Any) -> LlamaGenTeacher:
     cfg, vcfg = gpt_config(config), vq_config(config)
     params = _load_or_init(config.teacher, "teacher", load_gpt, gpt_lib.init_params, cfg, config.seed)
     vparams = _load_or_init(config.vq, "vq", load_vq, vq_lib.init_params, vcfg, config.seed + 1)
+    captions = caption_set(config)
+    if cfg.model_type == "t2i" and captions is None:
+        raise ValueError("a t2i teacher conditions on captions: set config.captions.path to a "
+                         "caption set (.npz) or a directory of LlamaGen T5 feature files")
     teacher = LlamaGenTeacher(cfg, params, vcfg, vparams, variant=config.teacher.variant,
-                              checkpoint=resolve_path(config.teacher.checkpoint))
+                              checkpoint=resolve_path(config.teacher.checkpoint), captions=captions)
     if not teacher.has_null_class:
         logging.warning("teacher has no null class row: CFG is unavailable")
     return teacher
@@ -131,6 +161,15 @@ def student(config: Any, workdir: str, teacher: Teacher) -> tuple[Any, Any]:
     if "step" in meta:
         logging.info("student: training step %d of %s (EMA)", meta["step"], path)
     return cfg, params
+
+
+def condition_classes(teacher: Teacher) -> np.ndarray | None:
+    """The class each condition names, for the report's class agreement: a caption set's
+    classes (t2i), the labels themselves (c2i), or None."""
+    captions = getattr(teacher, "captions", None)
+    if teacher.caption_conditioned:
+        return None if captions is None or captions.classes is None else captions.classes
+    return np.arange(teacher.num_classes, dtype=np.int32) if teacher.num_classes else None
 
 
 def class_labels(spec: str | None, num: int, num_classes: int, seed: int) -> np.ndarray:

@@ -83,7 +83,8 @@ class FeatureExtractor:
       protocol: which FID protocol the numbers use; report it next to every FID.
       feature_dim: F.
       apply: jitted function on float32 [B, H, W, 3] in [-1, 1] returning {"features": [B, F]}
-        and, for classifiers with an Inception-Score head, "logits": [B, C].
+        and, for classifiers with an Inception-Score head, "logits": [B, C]; a classifier of
+        the data's own classes (digits) adds "class_logits" [B, C] (the report's class agreement).
       batch_size: images per call of `apply`.
     """
 
@@ -152,7 +153,7 @@ def digits_extractor(params: dict[str, Any], batch_size: int = 256) -> FeatureEx
     def _apply(p: dict[str, Any], x: jax.Array) -> dict[str, jax.Array]:
         x = inception_lib.resize_bilinear(x, (size, size))
         logits, feats = model.apply({"params": p}, x)
-        return {"features": feats}
+        return {"features": feats, "class_logits": logits}  # the digit shown (class agreement)
 
     return FeatureExtractor(
         name="digits",

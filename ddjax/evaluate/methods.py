@@ -77,9 +77,13 @@ def build_methods(teacher: Teacher, student: tuple[Any, Any], dd: DDSettings, sa
     involved_key = jax.random.PRNGKey(seed + 3)
     length = teacher.seq_len
 
+    def cond(labels):
+        """labels (or a t2i teacher's caption ids) -> what the networks take, on device."""
+        return jax.tree_util.tree_map(jnp.asarray, teacher.resolve_cond(np.asarray(labels)))
+
     def ancestral(noise, labels, rows):
         keys = row_keys(teacher_key, rows)
-        tokens = teacher.sample(jnp.asarray(labels), jax.random.PRNGKey(0), sampling,
+        tokens = teacher.sample(cond(labels), jax.random.PRNGKey(0), sampling,
                                 rule=row_keyed_multinomial, rule_inputs=row_key_inputs(keys, length),
                                 mesh=mesh)
         return codebook[tokens]
@@ -87,18 +91,18 @@ def build_methods(teacher: Teacher, student: tuple[Any, Any], dd: DDSettings, sa
     methods = {
         TEACHER: Method(len(teacher.boundaries), ancestral),
         FLOW_MAP: Method(len(teacher.boundaries), lambda n, lab, rows: codebook[map_noise_to_tokens(
-            teacher, jnp.asarray(n), jnp.asarray(lab), sampling, flow, mesh=mesh)]),
+            teacher, jnp.asarray(n), cond(lab), sampling, flow, mesh=mesh)]),
         "DD 1-step": Method(1, lambda n, lab, rows: sample_dd(
-            net, sparams, jnp.asarray(n), jnp.asarray(lab), codebook, (0,), split_t)),
+            net, sparams, jnp.asarray(n), cond(lab), codebook, (0,), split_t)),
         f"DD {len(t_list)}-step": Method(len(t_list), lambda n, lab, rows: sample_dd(
-            net, sparams, jnp.asarray(n), jnp.asarray(lab), codebook, t_list, split_t)),
+            net, sparams, jnp.asarray(n), cond(lab), codebook, t_list, split_t)),
     }
     if dd.teacher_involved:
         ts, tsplit = dd.teacher_start, dd.resolved_teacher_split_t
 
         def involved(noise, labels, rows):
             return sample_teacher_involved(
-                net, sparams, teacher, jnp.asarray(noise), jnp.asarray(labels),
+                net, sparams, teacher, jnp.asarray(noise), cond(labels),
                 row_keys(involved_key, rows), t_list=t_list, teacher_start=ts, split_t=tsplit,
                 settings=sampling, mesh=mesh)
 

@@ -94,13 +94,15 @@ def data_fid_floor(reference: Any, seed: int, splits: int = 5) -> float | None:
 
 def evaluate(teacher: Teacher, methods: dict[str, Method], settings: EvalSettings,
              extractor: FeatureExtractor, reference: Any, out_dir: str, *,
-             description: list[str] = ()) -> dict:
+             description: list[str] = (), condition_classes: np.ndarray | None = None) -> dict:
     """Samples every method, scores it and writes the report.
 
     reference: real images [M, H, W, 3] in [-1, 1] (quantised and featurised here), features
-    [M, F], or a statistics `.npz` path. Returns {"results", "report", "fid_floor"} on every
-    process; with several processes the rows are split over them (`sharding.process_rows`), the
-    results are computed from all rows gathered, and only process 0 writes into out_dir.
+    [M, F], or a statistics `.npz` path. condition_classes [num_classes]: the class each
+    condition names (-1: none), for the class-agreement column when the extractor classifies.
+    Returns {"results", "report", "fid_floor"} on every process; with several processes the
+    rows are split over them (`sharding.process_rows`), the results are computed from all rows
+    gathered, and only process 0 writes into out_dir.
     """
     settings.check()
     for need in (TEACHER, FLOW_MAP, ONESTEP):
@@ -116,7 +118,7 @@ def evaluate(teacher: Teacher, methods: dict[str, Method], settings: EvalSetting
     writer = sharding.is_writer()
     if writer:
         os.makedirs(out_dir, exist_ok=True)
-    results, feats, tokens = {}, {}, {}
+    results, feats, tokens, shown = {}, {}, {}, {}
     codebook = np.asarray(teacher.codebook)
     for name, m in methods.items():
         logging.info("evaluate: sampling %s (%d images, rows %d-%d here)", name, n, lo, hi)
@@ -125,7 +127,10 @@ def evaluate(teacher: Teacher, methods: dict[str, Method], settings: EvalSetting
         tokens[name] = sharding.gather_rows(np.asarray(nearest_code(latents, codebook)), per)
         images = np.concatenate([teacher.decode_latents(latents[i:i + 256])
                                  for i in range(0, hi - lo, 256)])
-        feats[name] = sharding.gather_rows(extractor(save_image_uint8(images)), per)
+        out = extractor.extract(save_image_uint8(images))
+        feats[name] = sharding.gather_rows(out["features"], per)
+        if condition_classes is not None and "class_logits" in out:
+            shown[name] = sharding.gather_rows(np.argmax(out["class_logits"], -1), per)
         grid = sharding.gather_rows(images[:max(0, min(hi, grid_rows) - lo)], grid_rows)
         if writer:
             save_grid(os.path.join(out_dir, f"{slug(name)}.png"), grid[:grid_rows],
@@ -140,6 +145,10 @@ def evaluate(teacher: Teacher, methods: dict[str, Method], settings: EvalSetting
         r["protocol"] = f"{extractor.protocol}; {PROTOCOL_NOTE}"
         r["fid_vs_teacher"] = 0.0 if name == TEACHER else fid_from_features(feats[name], feats[TEACHER])
         r["token_agreement"] = float((tokens[name] == tokens[FLOW_MAP]).mean())
+        if name in shown:  # does the image show the class its condition names?
+            named = np.asarray(condition_classes)[labels]
+            known = named >= 0
+            r["class_agreement"] = float((shown[name][known] == named[known]).mean())
         r["speedup"] = results[TEACHER]["latency_s"] / r["latency_s"]
     floor = data_fid_floor(reference, settings.seed)
     path = os.path.join(out_dir, "report.md")
@@ -155,12 +164,15 @@ def write_report(out_dir: str, results: dict, *, description: list[str], referen
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=float)
     plot = plot_results(results, os.path.join(out_dir, "quality_vs_steps.png"))
+    agree = any("class_agreement" in r for r in results.values())
     rows = ["| method | steps | latency / image (ms) | speed-up | FID vs data | FID vs teacher | "
-            "precision | recall | token agreement |", "|---|---|---|---|---|---|---|---|---|"]
+            "precision | recall | token agreement |" + (" class agreement |" if agree else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if agree else "")]
     for name, r in results.items():
         rows.append(f"| {name} | {r['steps']} | {1e3 * r['latency_s']:.2f} | {r['speedup']:.1f}x | "
                     f"{_fmt(r.get('fid'))} | {_fmt(r.get('fid_vs_teacher'))} | {_fmt(r.get('precision'))} | "
-                    f"{_fmt(r.get('recall'))} | {_fmt(r.get('token_agreement'), 3)} |")
+                    f"{_fmt(r.get('recall'))} | {_fmt(r.get('token_agreement'), 3)} |"
+                    + (f" {_fmt(r.get('class_agreement'), 3)} |" if agree else ""))
     checks = paper_shape_checks(results)
     t = results[TEACHER]["fid"]
     lines = [
@@ -168,7 +180,9 @@ def write_report(out_dir: str, results: dict, *, description: list[str], referen
         f"FID protocol: {results[TEACHER].get('protocol')}; reference: {reference}.",
         f"`{TEACHER}` is the teacher's ancestral sampler (the speed-up column is against it); "
         f"`{FLOW_MAP}` is its deterministic flow map of the same noise, and token agreement "
-        "compares each method's tokens with the flow map's.",
+        "compares each method's tokens with the flow map's."
+        + (" Class agreement: the fraction of images the digits classifier reads as the class "
+           "their condition names (for a caption, the digit it names)." if agree else ""),
         "", *rows, "", "## The paper's shape", "",
         *[f"- {'PASS' if ok else 'MISS'}: {text}" for text, ok in checks], "",
         f"Teacher FID {t:.2f}.",

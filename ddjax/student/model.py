@@ -6,6 +6,14 @@ first t data positions, 0 for noise) and runs through the teacher's blocks with 
 attention and 2-D RoPE; output i predicts token i (no shift) through two heads: the teacher's
 logits head and the adaLN continuous head `final_layer_conti`. Parameter names and shapes are
 those of the PyTorch module, so checkpoints convert by the generic renaming.
+
+Text-conditional (t2i) students: the official class builds a `CaptionEmbedder` for
+model_type="t2i" but marks the branch unfinished, and its forward cannot run (its n_d
+embedding has L + 1 rows for cls_token_num + L positions; its final layer adds [B, 120, dim] to
+[1, 2, dim]). ddjax completes it in the way the c2i case already implies: the caption tokens
+(left-padded, padding masked as in the teacher) take the class token's place and all count as
+data for `n_d_embed`; the continuous head is modulated by the mean of the real caption tokens'
+embeddings (for one class token, that token itself). The parameter names are the official ones.
 """
 
 from __future__ import annotations
@@ -18,20 +26,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax.teacher.llamagen.gpt import GPTConfig, LabelEmbedder
+from ddjax.teacher.llamagen.captions import Captions, check_captions, is_captions
+from ddjax.teacher.llamagen.captions import key_mask as caption_key_mask
+from ddjax.teacher.llamagen.gpt import CaptionEmbedder, GPTConfig, LabelEmbedder
 from ddjax.teacher.llamagen.layers import RMSNorm, TransformerBlock, ffn_hidden_dim, rope_table_2d
 
 
 @dataclasses.dataclass(frozen=True)
 class DDConfig:
-    """The student: the teacher's GPTConfig (c2i, one class token) plus the code dimension."""
+    """The student: the teacher's GPTConfig (c2i with one class token, or t2i) plus the code
+    dimension."""
 
     gpt: GPTConfig
     codebook_dim: int = 8
 
     def __post_init__(self):
-        if self.gpt.model_type != "c2i" or self.gpt.cls_token_num != 1:
-            raise ValueError("the DD student supports class-conditional teachers with one class token")
+        if self.gpt.model_type == "c2i" and self.gpt.cls_token_num != 1:
+            raise ValueError("a class-conditional DD student has one class token "
+                             f"(cls_token_num=1), got {self.gpt.cls_token_num}")
+
+    @property
+    def is_t2i(self) -> bool:
+        return self.gpt.model_type == "t2i"
 
     @property
     def block_size(self) -> int:
@@ -72,15 +88,19 @@ class FinalLayer(nn.Module):
 
 
 class DDModel(nn.Module):
-    """The DD student. `__call__(x_t, labels, t) -> (continuous [B, L, d], logits [B, L, V])`."""
+    """The DD student. `__call__(x_t, cond, t) -> (continuous [B, L, d], logits [B, L, V])`;
+    cond: class labels [B] (c2i) or `Captions` (t2i)."""
 
     config: DDConfig
 
     def setup(self):
         c = self.config.gpt
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-        # The official student always keeps the null row (num_classes + 1), dropout off.
-        self.cls_embedding = LabelEmbedder(c.num_classes, c.num_classes + 1, c.dim, 0.0, **kw)
+        if self.config.is_t2i:
+            self.cls_embedding = CaptionEmbedder(c.caption_dim, c.dim, 0.0, **kw)
+        else:
+            # The official student always keeps the null row (num_classes + 1), dropout off.
+            self.cls_embedding = LabelEmbedder(c.num_classes, c.num_classes + 1, c.dim, 0.0, **kw)
         self.tok_embeddings = nn.Dense(c.dim, kernel_init=nn.initializers.normal(0.02), **kw)
         hidden = ffn_hidden_dim(c.dim, c.multiple_of, c.ffn_dim_multiplier)
         self.layers = [
@@ -94,29 +114,61 @@ class DDModel(nn.Module):
         self.n_d_embed = nn.Embed(2, c.dim, embedding_init=nn.initializers.normal(0.02), **kw)
         self.rope = jnp.asarray(rope_table_2d(c.grid_size, c.head_dim, c.rope_base, c.cls_token_num))
 
-    def __call__(self, x: jax.Array, labels: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B, L, d] (codes before t, noise after), labels [B] int, t [B] int ->
-        (continuous predictions [B, L, d] float32, logits [B, L, vocab] float32)."""
+    def embed_cond(self, cond: Any) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """-> (condition tokens [B, cls, dim], the final layer's condition [B, 1, dim],
+        caption mask [B, cls] or None)."""
+        c = self.config.gpt
+        if not self.config.is_t2i:
+            if is_captions(cond):
+                raise ValueError("a class-conditional DD student takes labels [B], got Captions")
+            emb = self.cls_embedding(cond, None, False)  # [B, 1, dim]
+            return emb, emb, None
+        if not is_captions(cond):
+            cond = Captions(cond, jnp.ones(cond.shape[:2], bool))
+        check_captions(cond, c.cls_token_num, c.caption_dim)
+        mask = jnp.asarray(cond.mask).astype(bool)
+        feats = cond.features * mask[..., None].astype(cond.features.dtype)
+        emb = self.cls_embedding(feats, None, False)  # [B, cls, dim]
+        w = mask[..., None].astype(jnp.float32)
+        total = (emb.astype(jnp.float32) * w).sum(1, keepdims=True)
+        pooled = total / jnp.maximum(w.sum(1, keepdims=True), 1.0)
+        return emb, pooled.astype(emb.dtype), mask
+
+    def __call__(self, x: jax.Array, cond: Any, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, L, d] (codes before t, noise after), cond labels [B] int or Captions, t [B] int
+        -> (continuous predictions [B, L, d] float32, logits [B, L, vocab] float32)."""
         c = self.config.gpt
         b, n, _ = x.shape
         if n != c.block_size:
             raise ValueError(f"x must hold block_size={c.block_size} positions, got {n}")
-        cond = self.cls_embedding(labels, None, False)  # [B, 1, dim]
-        h = jnp.concatenate([cond, self.tok_embeddings(x.astype(c.dtype))], axis=1)
-        is_data = jnp.arange(n + 1)[None, :] <= jnp.asarray(t).reshape(b, 1)
+        k = c.cls_token_num
+        emb, final_cond, mask = self.embed_cond(cond)
+        h = jnp.concatenate([emb.astype(c.dtype), self.tok_embeddings(x.astype(c.dtype))], axis=1)
+        # Condition tokens and the first t data positions are "data" (1), the rest noise (0).
+        is_data = jnp.arange(k + n)[None, :] <= jnp.asarray(t).reshape(b, 1) + (k - 1)
         h = h + self.n_d_embed(is_data.astype(jnp.int32))
-        rope = self.rope[: n + 1]
+        rope = self.rope[: k + n]
+        km = None if mask is None else caption_key_mask(Captions(emb, mask), k + n)
         for layer in self.layers:
-            h, _ = layer(h, rope, None, 0, True)
-        logits = self.output(self.norm(h)).astype(jnp.float32)[:, 1:]
-        cont = self.final_layer_conti(h, cond).astype(jnp.float32)[:, 1:]
+            h, _ = layer(h, rope, None, 0, True, km)
+        logits = self.output(self.norm(h)).astype(jnp.float32)[:, k:]
+        cont = self.final_layer_conti(h, final_cond).astype(jnp.float32)[:, k:]
         return cont, logits
+
+
+def dummy_cond(config: DDConfig, batch: int = 1) -> Any:
+    """A condition of the right kind and shape: labels [B] or empty-caption Captions."""
+    g = config.gpt
+    if config.is_t2i:
+        return Captions(jnp.zeros((batch, g.cls_token_num, g.caption_dim), jnp.float32),
+                        jnp.ones((batch, g.cls_token_num), bool))
+    return jnp.zeros((batch,), jnp.int32)
 
 
 def init_params(config: DDConfig, rng: jax.Array) -> Any:
     """Random student parameters (the official init: normal(0.02), zero logits head)."""
     x = jnp.zeros((1, config.block_size, config.codebook_dim), jnp.float32)
-    return jax.jit(lambda k: DDModel(config).init(k, x, jnp.zeros((1,), jnp.int32),
+    return jax.jit(lambda k: DDModel(config).init(k, x, dummy_cond(config),
                                                   jnp.zeros((1,), jnp.int32))["params"])(rng)
 
 
@@ -125,11 +177,18 @@ def init_from_teacher(student: Any, teacher: Any) -> Any:
     final norm and the logits head. The rest (tok_embeddings, n_d_embed, final_layer_conti)
     keeps its fresh initialisation."""
     out = dict(student)
-    t_rows = teacher["cls_embedding"]["embedding_table"]["embedding"]
-    s_rows = student["cls_embedding"]["embedding_table"]["embedding"]
-    if t_rows.shape != s_rows.shape:
-        raise ValueError(f"teacher class table {t_rows.shape} != student {s_rows.shape} "
-                         "(the teacher needs its null-class row)")
+    if "embedding_table" in student["cls_embedding"]:
+        t_rows = teacher["cls_embedding"].get("embedding_table", {}).get("embedding")
+        s_rows = student["cls_embedding"]["embedding_table"]["embedding"]
+        if t_rows is None or t_rows.shape != s_rows.shape:
+            shape = None if t_rows is None else t_rows.shape
+            raise ValueError(f"teacher class table {shape} != student {s_rows.shape} "
+                             "(the teacher needs its null-class row)")
+    else:  # t2i: the caption MLP and the null caption (the official init would fail here)
+        got = jax.tree_util.tree_map(jnp.shape, teacher["cls_embedding"])
+        want = jax.tree_util.tree_map(jnp.shape, student["cls_embedding"])
+        if got != want:
+            raise ValueError(f"teacher caption embedder {got} != student {want}")
     out["cls_embedding"] = teacher["cls_embedding"]
     for name in student:
         if name.startswith("layers_") or name in ("norm", "output"):

@@ -41,6 +41,7 @@ from ddjax.student import model as model_lib
 from ddjax.student.families import family_of_config, student_family
 from ddjax.student.loading import CKPT_DIR, STUDENT_DIR
 from ddjax.teacher.base import Teacher
+from ddjax.teacher.llamagen.captions import Captions
 from ddjax.teacher.llamagen.gpt import GPTConfig, as_dtype
 from ddjax.utils import optim
 from ddjax.utils.checkpoint import META_FILE
@@ -141,9 +142,29 @@ def state_shardings(abstract: Any, mesh: Any, mode: str) -> Any:
     return jax.tree_util.tree_map(lambda a: NamedSharding(mesh, fsdp_spec(a.shape, fsdp)), abstract)
 
 
-def batch_shardings(mesh: Any) -> dict[str, NamedSharding]:
-    return {"noise": sharding_lib.batch_sharding(mesh, 3), "tokens": sharding_lib.batch_sharding(mesh, 2),
-            "labels": sharding_lib.batch_sharding(mesh, 1)}
+def batch_shardings(mesh: Any, captions: bool = False) -> dict[str, NamedSharding]:
+    """captions: a t2i teacher's batches also carry the looked-up caption features [B, N, C]
+    and masks [B, N] (`caption_arrays`)."""
+    out = {"noise": sharding_lib.batch_sharding(mesh, 3), "tokens": sharding_lib.batch_sharding(mesh, 2),
+           "labels": sharding_lib.batch_sharding(mesh, 1)}
+    if captions:
+        out.update(caption_features=sharding_lib.batch_sharding(mesh, 3),
+                   caption_mask=sharding_lib.batch_sharding(mesh, 2))
+    return out
+
+
+def caption_arrays(teacher: Teacher, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """A t2i teacher's caption ids [B] -> {"caption_features", "caption_mask"} (host lookup)."""
+    caps = teacher.resolve_cond(np.asarray(labels))
+    return {"caption_features": np.asarray(caps.features, np.float32),
+            "caption_mask": np.asarray(caps.mask, bool)}
+
+
+def batch_cond(batch: dict[str, Any]) -> Any:
+    """The student's condition of a batch: Captions when it carries them, else the labels."""
+    if "caption_features" in batch:
+        return Captions(batch["caption_features"], batch["caption_mask"])
+    return batch["labels"]
 
 
 def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
@@ -171,7 +192,8 @@ def make_train_step(model_cfg: Any, tx: optax.GradientTransformation,
                     gather_params: Any = None, image_loss: ImageLoss | None = None):
     """The pure update: train_step(state, batch, rng, loss_weights) -> (state, metrics Collection).
 
-    batch: noise [B, L, d] f32, tokens [B, L] int32, labels [B] int32. rng: the run's training
+    batch: noise [B, L, d] f32, tokens [B, L] int32, labels [B] int32 (and, for a t2i teacher,
+    caption_features [B, N, C] / caption_mask [B, N]: `caption_arrays`). rng: the run's training
     key; the step's key is fold_in(rng, state["step"]), so the update is a function of
     (state, batch, rng) alone and a resumed run repeats an uninterrupted one.
     gather_params: with FSDP, a (replicated) sharding the forward pass constrains the params
@@ -198,7 +220,7 @@ def make_train_step(model_cfg: Any, tx: optax.GradientTransformation,
             params = jax.lax.with_sharding_constraint(params, gather_params)
         tokens = batch["tokens"]
         x_t = model_lib.perturb(codebook[tokens], t, batch["noise"])
-        cont, logits = model.apply({"params": params}, x_t, batch["labels"], t)
+        cont, logits = model.apply({"params": params}, x_t, batch_cond(batch), t)
         terms = losses.per_position(cont, logits, tokens, codebook)
         mask = losses.target_mask(t, tokens.shape[1])
         if tc.cont_loss == "lpips":
@@ -371,7 +393,8 @@ def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir:
     init_rng, step_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     abstract = jax.eval_shape(init_fn, init_rng, None)
     state_sh = state_shardings(abstract, mesh, tc.sharding)
-    batch_sh = batch_shardings(mesh)
+    with_captions = teacher.caption_conditioned
+    batch_sh = batch_shardings(mesh, captions=with_captions)
 
     student_dir = os.path.join(workdir, STUDENT_DIR)
     ckpt_dir, log_dir = os.path.join(student_dir, CKPT_DIR), os.path.join(student_dir, LOG_DIR)
@@ -430,7 +453,10 @@ def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir:
     try:
         for step in range(start, tc.num_steps):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = put_batch(next(batches), batch_sh)
+                host = next(batches)
+                if with_captions:
+                    host = {**host, **caption_arrays(teacher, host["labels"])}
+                batch = put_batch(host, batch_sh)
                 state, m = step_fn(state, batch, step_rng, loss_weights)
             done = step + 1
             acc = m if acc is None else acc.merge(m)
