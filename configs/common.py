@@ -29,6 +29,13 @@ DIGITS_SAMPLING = {"cfg_scale": 1.5, "cfg_interval": -1, "temperature": 1.0, "to
 
 # The embedded VAR teacher (ddjax/assets/var_digits; configs/var.py, preset digits): VAR-d4 at
 # width 128 over a VAR VQVAE with 4x downsampling, 32 px -> an 8x8 f quantised over 6 scales.
+# The embedded text-to-image digits teacher (ddjax/assets/digits_t2i/meta.json): the c2i
+# digits GPT's shape with 8 caption tokens of 32 features instead of one class token.
+DIGITS_T2I_ASSETS = "ddjax:assets/digits_t2i"
+DIGITS_T2I_GPT = {**{k: v for k, v in DIGITS_GPT.items() if k not in ("num_classes", "cls_token_num")},
+                  "model_type": "t2i", "cls_token_num": 8, "caption_dim": 32}
+DIGITS_T2I_SAMPLING = dict(DIGITS_SAMPLING)  # cfg 1.5 is also the t2i teacher's FID-best
+
 VAR_DIGITS_ASSETS = "ddjax:assets/var_digits"
 VAR_DIGITS_PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # 130 tokens
 VAR_DIGITS_DEPTH = 4

@@ -5,6 +5,8 @@ Modes (the part after ':'):
   train_vq, train_teacher        training (`ddjax.demo.digits_teacher`; weights + PNG + metrics in WORKDIR)
   evaluate_vq, evaluate_teacher  re-measure WORKDIR's weights (e.g. new sampling settings), rewrite
                                  the metrics and meta.json without retraining
+  train_t2i_teacher              the text-to-image teacher over the shipped VQ (`ddjax.demo.digits_t2i`)
+  evaluate_t2i_teacher           re-measure WORKDIR's t2i teacher (NLL, caption agreement, FID per cfg)
   sample_teacher, info           the shipped weights through `ddjax.main`
 Extra key=value pairs:
   tiny=True   16 px images, tiny models, 64 images and 3 steps (smoke runs and tests).
@@ -15,6 +17,8 @@ see experiments/digits_teacher/README.md):
   python -m ddjax.main --config=configs/digits.py:train_teacher --workdir=/tmp/digits \
       --config.export_dir=ddjax/assets/digits
   python -m ddjax.main --config=configs/digits.py:sample_teacher --workdir=/tmp/digits_samples
+  python -m ddjax.main --config=configs/digits.py:train_t2i_teacher --workdir=/tmp/digits_t2i \
+      --config.export_dir=ddjax/assets/digits_t2i
 
 By default config.vq.checkpoint / config.teacher.checkpoint are the shipped weights
 (ddjax/assets/digits/); train_teacher tokenizes with WORKDIR/vq.safetensors when train_vq wrote
@@ -39,6 +43,8 @@ def load_common():
 
 
 common = load_common()
+
+DIGITS_T2I_GPT = common.DIGITS_T2I_GPT
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
@@ -90,6 +96,26 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         "cfg_sweep": (1.0, 1.25, 1.5, 2.0, 3.0),
     })
 
+    # The text-to-image teacher (ddjax.demo.digits_t2i; shipped in ddjax/assets/digits_t2i): a
+    # LlamaGen t2i GPT the size of the c2i one over the shipped VQ, conditioned on the captions
+    # of ddjax.demo.digits_captions through the frozen text encoder of ddjax.demo.text_encoder
+    # (max_len = cls_token_num words, dim = caption_dim). Sampling: c.sampling with the cfg_scale
+    # picked from cfg_sweep (the lowest FID with caption agreement >= min_agreement).
+    c.train_t2i_teacher = mlc.ConfigDict({
+        "variant": "GPT-B", "model": dict(DIGITS_T2I_GPT),
+        "text_encoder": {"max_len": 8, "dim": 32, "n_layer": 1, "n_head": 4, "mlp_ratio": 2,
+                         "seed": 0},
+        "seed": 0, "num_steps": 2500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100,
+        "min_lr_ratio": 0.05, "b1": 0.9, "b2": 0.95, "weight_decay": 0.05, "grad_clip": 1.0,
+        "ema_decay": 0.0,  # 0 = off
+        "max_shift": 1,  # pre-encoded translations of every image, |dy|, |dx| <= max_shift px
+        "caption_seed": 0,  # templates: shifted copy k draws with caption_seed + k
+        "vq_checkpoint": "",  # "" = WORKDIR/vq.safetensors if present, else config.vq.checkpoint
+        "eval_every": 250, "log_every": 50,
+        "eval_samples_per_digit": 100, "sample_seed": 0,  # 1000 samples per guidance scale
+        "cfg_sweep": (1.0, 1.5, 2.0, 3.0), "min_agreement": 0.9,
+    })
+
     # Teacher sampling (the settings shipped in meta.json; see experiments/digits_teacher).
     c.sampling = mlc.ConfigDict({**common.DIGITS_SAMPLING, "batch_size": 10, "num_images": 100,
                                  "labels": "0,1,2,3,4,5,6,7,8,9"})
@@ -104,5 +130,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                           png_images=4)
         c.train_teacher.update(num_steps=3, batch_size=4, warmup_steps=1, max_shift=0, eval_every=3,
                                log_every=1, eval_samples_per_class=1, cfg_sweep=(1.0,))
+        c.train_t2i_teacher.model.update(vocab_size=32, block_size=16, n_layer=1, dim=32,
+                                         n_head=2, caption_dim=16)
+        c.train_t2i_teacher.text_encoder.update(dim=16, n_head=2)
+        c.train_t2i_teacher.update(num_steps=3, batch_size=4, warmup_steps=1, max_shift=0,
+                                   eval_every=3, log_every=1, eval_samples_per_digit=1,
+                                   cfg_sweep=(1.0, 2.0))
         c.sampling.update(num_images=10)
     return c

@@ -44,11 +44,7 @@ common = _load("common.py")
 llamagen = _load("llamagen.py")
 _none = mlc.config_dict.placeholder
 
-DIGITS_T2I_ASSETS = "ddjax:assets/digits_t2i"
-# The shipped t2i digits GPT: the c2i digits GPT's sizes with 8 caption tokens of 32 dims.
-DIGITS_T2I_GPT = {**common.DIGITS_GPT, "model_type": "t2i", "cls_token_num": 8, "caption_dim": 32,
-                  "num_classes": 1000}
-DIGITS_T2I_SAMPLING = {**common.DIGITS_SAMPLING, "cfg_scale": 2.0}
+DIGITS_T2I_ASSETS = common.DIGITS_T2I_ASSETS
 
 # preset -> (image size, checkpoint file name)
 PRESETS = {"XL": (256, "t2i_XL_stage1_256.pt"), "XL-512": (512, "t2i_XL_stage2_512.pt")}
@@ -73,9 +69,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if preset == "digits":
         assets = a["assets"]
         c.teacher.update(checkpoint=f"{assets}/gpt.safetensors")
-        c.teacher.model.update(DIGITS_T2I_GPT)
-        c.captions.update(path=f"{assets}/captions.npz", max_len=DIGITS_T2I_GPT["cls_token_num"])
-        c.sampling.update(DIGITS_T2I_SAMPLING)
+        c.teacher.model.update(common.DIGITS_T2I_GPT)
+        c.captions.update(path=f"{assets}/captions.npz", max_len=common.DIGITS_T2I_GPT["cls_token_num"])
+        c.sampling.update(common.DIGITS_T2I_SAMPLING)
         c.sampling.labels = _none(str)
     elif preset == "tiny":
         c.teacher.model.update(model_type="t2i", cls_token_num=4, caption_dim=16)

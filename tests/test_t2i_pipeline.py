@@ -101,3 +101,47 @@ def test_t2i_teacher_without_captions_names_the_key():
     config.captions.random = 0
     with pytest.raises(ValueError, match="config.captions.path"):
         build.build_teacher(config)
+
+
+def test_pairs_refuse_another_caption_set(t2i_pairs, tmp_path):
+    """Pair labels are ids into one caption set: a rerun over another set is refused."""
+    config, pairs_dir = t2i_pairs
+    other = tiny_config("generate")
+    other.data.dir = pairs_dir
+    other.seed = 1  # the tiny preset's random captions are drawn from the seed
+    with pytest.raises(ValueError, match="captions"):
+        run(other, str(tmp_path))
+
+
+def test_sigkilled_t2i_pair_writing_resumes_to_the_same_dataset(tmp_path):
+    """The real generate mode in a subprocess, SIGKILLed once a shard is final, then rerun."""
+    import subprocess
+    import sys
+
+    from helpers import kill_when
+
+    from ddjax.mapper.pairs import shard_name
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+
+    def cmd(workdir):
+        return [sys.executable, "-m", "ddjax.main",
+                f"--config={root}/configs/llamagen_t2i.py:tiny,mode=generate",
+                "--config.teacher.model.n_layer=1", "--config.data.num_pairs=96",
+                "--config.data.shard_size=16", "--config.data.batch_size=16",
+                f"--workdir={workdir}"]
+
+    ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+    subprocess.run(cmd(ref), env=env, check=True, timeout=300, capture_output=True)
+    kill_when(cmd(killed), env, lambda: os.path.exists(
+        os.path.join(killed, "pairs", shard_name(0) + ".json")), 240,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = [f for f in os.listdir(os.path.join(killed, "pairs")) if f.startswith("pairs-")
+            and f.endswith(".json")]
+    assert 1 <= len(done) < 6, done
+    subprocess.run(cmd(killed), env=env, check=True, timeout=300, capture_output=True)
+    a = PairDataset(os.path.join(ref, "pairs")).load_all()
+    b = PairDataset(os.path.join(killed, "pairs")).load_all()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])

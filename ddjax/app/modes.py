@@ -25,7 +25,7 @@ from ddjax.app import build
 from ddjax.app.settings import DD_FAMILIES, Settings, read_settings
 from ddjax.dd2 import sampling as dd2_sampling
 from ddjax.dd2 import train as dd2_train
-from ddjax.demo import digits_teacher, var_digits
+from ddjax.demo import digits_t2i, digits_teacher, var_digits
 from ddjax.evaluate import report as report_lib
 from ddjax.evaluate.methods import FLOW_MAP, ONESTEP, TEACHER, build_methods, marginals
 from ddjax.evaluate.report import eval_inputs, slug
@@ -174,7 +174,8 @@ def mode_evaluate(run: Run) -> dict:
     features = build.extractor(run.config)
     return report_lib.evaluate(run.teacher, _methods(run), run.settings.eval, features,
                                build.reference(run.config, run.teacher.image_size, features, run.workdir),
-                               os.path.join(run.workdir, "report"), description=_description(run))
+                               os.path.join(run.workdir, "report"), description=_description(run),
+                               condition_classes=build.condition_classes(run.teacher))
 
 
 def mode_sample(run: Run) -> dict:
@@ -227,11 +228,13 @@ def mode_all(run: Run) -> dict:
 DEMO_MODES: dict[str, Callable[[Any, str], Any]] = {
     "train_vq": digits_teacher.train_vq, "train_teacher": digits_teacher.train_teacher,
     "evaluate_vq": digits_teacher.evaluate_vq, "evaluate_teacher": digits_teacher.evaluate_teacher,
+    **digits_t2i.MODES,  # the embedded text-to-image teacher (train_t2i_teacher, evaluate_t2i_teacher)
     **var_digits.MODES,  # the embedded VAR teacher's (configs/var.py)
 }
 # demo mode -> the export that copies its workdir's weights and meta.json to config.export_dir
 DEMO_EXPORTS: dict[str, Callable[[str, str], Any]] = {
     "train_teacher": digits_teacher.export_assets, "evaluate_teacher": digits_teacher.export_assets,
+    "train_t2i_teacher": digits_t2i.export_assets, "evaluate_t2i_teacher": digits_t2i.export_assets,
     "train_var": var_digits.export_assets, "evaluate_var": var_digits.export_assets,
 }
 

@@ -65,7 +65,14 @@ def pair_spec(teacher: Teacher, settings: PairSettings, sampling: Any, flow: Flo
         label_policy=settings.label_policy,
         generator={"teacher": teacher.variant, "family": teacher.family,
                    "checkpoint": teacher.checkpoint, "vocab_size": teacher.vocab_size,
-                   "sampling": dataclasses.asdict(sampling), "flow": dataclasses.asdict(flow)})
+                   "sampling": dataclasses.asdict(sampling), "flow": dataclasses.asdict(flow),
+                   **_caption_fingerprint(teacher)})
+
+
+def _caption_fingerprint(teacher: Teacher) -> dict:
+    """{"captions": fingerprint} for a t2i teacher: its pair labels are ids into that set."""
+    captions = getattr(teacher, "captions", None)
+    return {"captions": captions.fingerprint()} if teacher.caption_conditioned and captions else {}
 
 
 def teacher_distributions(teacher: Teacher, sampling: Any, num_tokens: int, seed: int,

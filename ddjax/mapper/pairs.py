@@ -66,6 +66,18 @@ class PairSpec:
         return {"format": FORMAT, **dataclasses.asdict(self)}
 
 
+def _differences(have: dict, want: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the fields that differ (nested dicts descended into)."""
+    out = []
+    for k in set(have) | set(want):
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def shard_name(shard: int) -> str:
     return f"pairs-{shard:05d}"
 
@@ -156,7 +168,7 @@ def prepare_directory(directory: str, spec: PairSpec, checks: dict | None = None
     if os.path.exists(path):
         with open(path) as f:
             have = {k: v for k, v in json.load(f).items() if k not in CHECK_FIELDS}
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        diff = sorted(_differences(have, want))
         if diff:
             raise ValueError(
                 f"{directory} already holds a different pair dataset (fields differ: {diff}); "

@@ -19,6 +19,7 @@ Features come from LlamaGen's own `language/extract_t5_feature.py` (one `.npy` o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -144,6 +145,15 @@ class CaptionSet:
     @property
     def caption_dim(self) -> int:
         return int(self.features.shape[2])
+
+    def fingerprint(self) -> str:
+        """A short sha256 of the features and masks: pair files record it, so a rerun over
+        another caption set is refused instead of mixing caption ids of two tables."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.mask).tobytes())
+        for i in range(0, len(self), 4096):  # chunked: a memory map is not read at once
+            h.update(np.ascontiguousarray(self.features[i:i + 4096], np.float32).tobytes())
+        return h.hexdigest()[:16]
 
     def lookup(self, ids: Any) -> Captions:
         """ids [B] int -> Captions (float32 features, bool mask) gathered on the host."""
