@@ -279,8 +279,16 @@ def compute_metrics(collection: Any) -> dict[str, float]:
 
 # -- checkpoints ------------------------------------------------------------------------------
 def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+    """Keep-N Orbax manager; saves are asynchronous in a single-process run only.
+
+    Orbax's save barrier is a device collective (`sync_global_devices`). Run from its background
+    thread while the main thread's train step runs its own cross-process collectives, the two
+    can interleave differently on two processes and deadlock (seen with 2 CPU processes over
+    Gloo: both hung in the step after a checkpoint). With several processes the save therefore
+    runs in the main thread, between steps.
+    """
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=jax.process_count() == 1)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
