@@ -46,6 +46,18 @@ def _log_probs(params: Any, tokens: jax.Array, cond: jax.Array, *, config: gpt_l
     return sampling_lib.process_logits(logits, settings)
 
 
+def _check_caption_set(config: gpt_lib.GPTConfig, captions: CaptionSet | None) -> None:
+    """ValueError unless `captions` (if any) fits this GPT: t2i, [cls_token_num, caption_dim]."""
+    if captions is None:
+        return
+    if config.model_type != "t2i":
+        raise ValueError("a caption set is for a t2i teacher; this GPT is c2i")
+    if (captions.max_len, captions.caption_dim) != (config.cls_token_num, config.caption_dim):
+        raise ValueError(f"the caption set holds [{captions.max_len}, {captions.caption_dim}] "
+                         f"captions, the GPT takes [{config.cls_token_num}, "
+                         f"{config.caption_dim}] (cls_token_num, caption_dim)")
+
+
 class LlamaGenTeacher(Teacher):
     """LlamaGen's class- (or text-) conditional GPT over VQ-16/VQ-8 tokens."""
 
@@ -57,13 +69,7 @@ class LlamaGenTeacher(Teacher):
         """codebook: [K, d], only without a tokenizer (`from_codebook`); else the VQ's.
         captions: t2i only, the caption table that integer conditions index (`resolve_cond`)."""
         self.config, self.params = config, params
-        if captions is not None:
-            if config.model_type != "t2i":
-                raise ValueError("a caption set is for a t2i teacher; this GPT is c2i")
-            if (captions.max_len, captions.caption_dim) != (config.cls_token_num, config.caption_dim):
-                raise ValueError(f"the caption set holds [{captions.max_len}, {captions.caption_dim}] "
-                                 f"captions, the GPT takes [{config.cls_token_num}, "
-                                 f"{config.caption_dim}] (cls_token_num, caption_dim)")
+        _check_caption_set(config, captions)
         self.captions = captions
         self.tokenizer_config, self.tokenizer_params = tokenizer_config, tokenizer_params
         self.variant, self.checkpoint = variant or config.model_type, checkpoint
@@ -117,12 +123,10 @@ class LlamaGenTeacher(Teacher):
 
     def with_captions(self, captions: CaptionSet | None) -> LlamaGenTeacher:
         """The same t2i teacher over another caption table."""
+        _check_caption_set(self.config, captions)
         out = object.__new__(type(self))
         out.__dict__.update(self.__dict__)
-        LlamaGenTeacher.__init__(out, self.config, self.params, self.tokenizer_config,
-                                 self.tokenizer_params, variant=self.variant,
-                                 checkpoint=self.checkpoint, codebook=self.codebook,
-                                 captions=captions)
+        out.captions = captions
         return out
 
     def resolve_cond(self, cond: Any) -> Any:
