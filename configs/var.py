@@ -11,11 +11,14 @@ Presets (the part after ':'):
 Extra key=value pairs override the arguments below, e.g. `:d16,mode=info`.
 
 Modes: those of configs/llamagen.py (`all`, the default: pairs -> student -> report; info,
-sample_teacher, generate, train, sample, evaluate), and for `digits` the training modes above.
-DD timesteps (t_list, split_t, teacher_start) count tokens at scale boundaries.
+sample_teacher, generate, train, train_dd2, sample, evaluate), and for `digits` the training
+modes above. DD timesteps (t_list, split_t, teacher_start) count tokens at scale boundaries.
+`method=dd2` (e.g. `:digits,method=dd2`) adds DD2's stages (ddjax/dd2; on VAR without the
+continuous-input adaptation) to mode=all and DD2's rows to the report.
 
 Launch:
   python -m ddjax.main --config=configs/var.py --workdir=/tmp/var_dd          # the embedded demo
+  python -m ddjax.main --config=configs/var.py:digits,method=dd2 --workdir=/tmp/var_dd2  # + DD2
   python -m ddjax.main --config=configs/var.py:digits,mode=sample_teacher --workdir=/tmp/var_samples
   python -m ddjax.main --config=configs/var.py:d16,mode=sample_teacher --workdir=/tmp/var_d16 \
       --config.teacher.checkpoint=/ckpts/var_d16.pth --config.vae.checkpoint=/ckpts/vae_ch160v4096z32.pth
@@ -49,7 +52,8 @@ TRAIN_MODES = ("train_vae", "evaluate_vae", "train_var", "evaluate_var")
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    a = common.parse_arg(arg, preset="digits", mode="all", assets=common.VAR_DIGITS_ASSETS)
+    a = common.parse_arg(arg, preset="digits", mode="all", assets=common.VAR_DIGITS_ASSETS,
+                         method="dd1")
     preset = a["preset"]
     if preset not in ("digits", "tiny", *(f"d{d}" for d in RELEASED)):
         raise ValueError(f"unknown preset {preset!r}; presets: digits, tiny, "
@@ -84,7 +88,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.sampling = mlc.ConfigDict({"cfg": 1.5, "top_k": 900, "top_p": 0.96, "greedy": False,
                                  "batch_size": 8, "num_images": 16,
                                  "labels": _none(str)})  # "207,360"; None = random classes
-    c.update(common.pipeline_blocks())  # flow, data, dd, student, eval, train
+    c.update(common.pipeline_blocks())  # flow, data, dd, student, eval, train, dd2
+    c.method = a["method"]  # "dd1", or "dd2": DD2's stages too, and its rows in the report
+    # VAR reads continuous tokens as it is: no continuous-input adaptation; the head is tuned
+    # alone first, then the whole network (dd2.md §4); the paper's CSD teacher settings are
+    # config.sampling's (VAR: cfg 2.0, top-k 900, top-p 0.95).
+    c.dd2.update(adapt_steps=0, tune_head_steps=200)
     c.export_dtype = "float16"  # the embedded teacher's weights as written (loaders cast back)
     c.export_dir = ""  # train_var / evaluate_var copy weights + meta.json here when set
 
@@ -115,6 +124,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                     batch_size=8)
         c.train.update(t_list=(0, 5), batch_size=8, num_steps=20, warmup_steps=2, lr=1e-3,
                        log_every=10, checkpoint_every=10, ema_decay=0.99)
+        c.dd2.update(num_samples=32, sample_batch_size=16, batch_size=8, noise_draws=2, head_depth=1,
+                     tune_steps=4, tune_head_steps=2, csd_steps=4, guide_steps=2, log_every=2,
+                     checkpoint_every=2)
     if preset in ("digits", "tiny"):
         _digits(c, a["assets"], tiny=preset == "tiny")
     return c
@@ -143,6 +155,12 @@ def _digits(c: mlc.ConfigDict, assets: str, tiny: bool) -> None:
                     batch_size=100)
         c.eval.update(num_samples=1000, batch_size=250, extractor="digits", reference="digits",
                       extractor_weights="", grid_size=100)
+        # DD2 (method=dd2; experiments/dd2_var_digits has the measurements)
+        c.dd2.update(num_samples=2048, batch_size=32, noise_draws=2, head_depth=2, tune_steps=400,
+                     tune_head_steps=100, warm_steps=600, guide_warm_steps=100, csd_steps=100,
+                     guide_steps=5, log_every=25, checkpoint_every=100)
+        c.dd2.guide_opt.update(lr=1e-3, warmup_steps=10)
+        c.dd2.gen_opt.update(lr=2e-5, warmup_steps=10)
     # Data: sklearn digits, bilinear 8 -> 32 px, grey copied to RGB, [-1, 1]; stratified split.
     c.digits = mlc.ConfigDict({"image_size": 16 if tiny else common.DIGITS_IMAGE_SIZE,
                                "val_fraction": 0.1, "split_seed": 0, "max_images": 64 if tiny else 0})

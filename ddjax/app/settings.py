@@ -101,9 +101,6 @@ def read_settings(config: Any) -> Settings:
     )
     if out.method not in METHODS:
         raise ValueError(f"config.method={out.method!r}; choose one of {METHODS}")
-    if out.method == "dd2" and family != "llamagen":
-        raise ValueError(f"config.method='dd2' runs on LlamaGen teachers, not on "
-                         f"config.teacher.family={family!r}")
     if out.sample_batch_size <= 0 or out.sample_num_images <= 0:
         raise ValueError("config.sampling.batch_size and config.sampling.num_images must be positive")
     return out

@@ -9,7 +9,8 @@ Five kinds of model:
            (--model d16 | d20 | d24 | d30);
   * "var_vae" VAR's multi-scale `VQVAE` (models/vqvae.py), config `VQVAEConfig`;
   * "dd2"  DD2's generator (or guidance network), `ddjax.dd2.model.DD2Transformer` in role
-           "score", config `DD2Config`; "dd2_teacher" its adapted teacher (role "teacher").
+           "score", config `DD2Config` (on VAR: `ddjax.dd2.var_model.VARDD2Transformer`,
+           `VARDD2Config`); "dd2_teacher" its adapted teacher (role "teacher").
            DD2 has no official PyTorch code: the state dict follows the generic rule of
            `ddjax.utils.state_dict` (README "DD2" lists the keys).
 
@@ -37,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ddjax.dd2 import functional as dd2_functional
 from ddjax.dd2 import model as dd2_model
 from ddjax.dd2 import settings as dd2_settings
 from ddjax.student import families as student_families
@@ -161,8 +163,8 @@ def init_fn(kind: str):
     return {"gpt": gpt_lib.init_params, "vq": vq_lib.init_params, "dd": dd_model.init_params,
             "var": var_model.init_params, "var_vae": var_vqvae.init_params,
             "var_dd": var_dd_model.init_params,
-            "dd2": lambda c, rng: dd2_model.init_params(c, "score", rng),
-            "dd2_teacher": lambda c, rng: dd2_model.init_params(c, "teacher", rng)}[kind]
+            "dd2": lambda c, rng: dd2_functional.init_params(c, "score", rng),
+            "dd2_teacher": lambda c, rng: dd2_functional.init_params(c, "teacher", rng)}[kind]
 
 
 @functools.lru_cache(maxsize=32)

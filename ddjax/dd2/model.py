@@ -56,6 +56,10 @@ class DD2Config:
         return self.gpt.block_size
 
     @property
+    def num_classes(self) -> int:
+        return self.gpt.num_classes
+
+    @property
     def width(self) -> int:
         return self.head_width or self.gpt.dim
 

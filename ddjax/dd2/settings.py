@@ -13,8 +13,11 @@ import jax.numpy as jnp
 import optax
 
 from ddjax.dd2 import model as model_lib
+from ddjax.dd2 import var_model
 from ddjax.teacher.base import Teacher
 from ddjax.teacher.llamagen.gpt import GPTConfig, as_dtype
+from ddjax.teacher.var.model import VARConfig
+from ddjax.teacher.var.vqvae import VQVAEConfig
 from ddjax.utils import optim
 from ddjax.utils.checkpoint import config_to_dict
 
@@ -133,22 +136,38 @@ def settings_from_dict(d: dict) -> DD2Settings:
     return DD2Settings(**d)
 
 
-def model_config(teacher: Teacher, s: DD2Settings) -> model_lib.DD2Config:
+def model_config(teacher: Teacher, s: DD2Settings) -> model_lib.DD2Config | var_model.VARDD2Config:
+    """The DD2 networks' config for a teacher (LlamaGen or VAR) and the settings' head."""
+    dtype = as_dtype(s.compute_dtype)
+    if teacher.family == "var":
+        var = dataclasses.replace(teacher.config, dtype=dtype, param_dtype=jnp.float32)
+        return var_model.var_dd2_config(var, teacher.tokenizer_config, head_width=s.head_width,
+                                        head_depth=s.head_depth)
     if teacher.family != "llamagen":
-        raise ValueError(f"DD2 runs on LlamaGen teachers here, not on {teacher.family!r} "
-                         "(VAR's DD2 is not implemented)")
-    return model_lib.dd2_config(teacher.config, teacher.code_dim, dtype=as_dtype(s.compute_dtype),
+        raise ValueError(f"DD2 runs on LlamaGen and VAR teachers, not on {teacher.family!r}")
+    return model_lib.dd2_config(teacher.config, teacher.code_dim, dtype=dtype,
                                 param_dtype=jnp.float32, head_width=s.head_width,
                                 head_depth=s.head_depth)
 
 
-def config_to_json(cfg: model_lib.DD2Config) -> dict:
+def config_to_json(cfg: model_lib.DD2Config | var_model.VARDD2Config) -> dict:
+    if isinstance(cfg, var_model.VARDD2Config):
+        return {"var": config_to_dict(cfg.var), "vae": config_to_dict(cfg.vae),
+                "head_width": cfg.head_width, "head_depth": cfg.head_depth}
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "gpt"}
     return {"gpt": config_to_dict(cfg.gpt), **out}
 
 
-def config_from_json(d: dict) -> model_lib.DD2Config:
+def _dataclass(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+def config_from_json(d: dict) -> model_lib.DD2Config | var_model.VARDD2Config:
     d = dict(d)
+    if "var" in d:
+        var, vae = _dataclass(VARConfig, d.pop("var")), _dataclass(VQVAEConfig, d.pop("vae"))
+        return var_model.VARDD2Config(var, vae, **d)
     gpt = dict(d.pop("gpt"))
     return model_lib.DD2Config(GPTConfig(**gpt), **d)
 

@@ -7,7 +7,9 @@ r"""DD2's training pipeline (dd2.md §4–5): resumable stages under WORKDIR/dd2
   adapt     continuous-input adaptation (LlamaGen, dd2.md §4): the token table is put behind
             `CodebookEmbed` (exact at the codes, smooth between them), then the whole adapted
             teacher is fine-tuned with the AR cross-entropy on the samples (`adapt_steps`);
-            the result is DD2's teacher;
+            the result is DD2's teacher. VAR reads continuous tokens through its own input
+            map (`ddjax.dd2.var_model`), so on VAR the teacher is DD2's teacher and there is
+            no adapt stage (adapt_steps must be 0);
   tune      AR-diffusion tuning with the ground-truth-score (GTS) loss: a score network (the
             adapted teacher's backbone with an MLP head) regresses the adapted teacher's
             closed-form velocity at R noise draws per sequence; it initialises both networks;
@@ -48,7 +50,7 @@ from absl import logging
 
 from ddjax import sharding as sharding_lib
 from ddjax.dd2 import functional as F
-from ddjax.dd2 import losses
+from ddjax.dd2 import losses, var_model
 from ddjax.dd2 import model as model_lib
 from ddjax.dd2.settings import (
     DD2Settings,
@@ -244,7 +246,8 @@ def adapt_step(cfg: model_lib.DD2Config, tx: optax.GradientTransformation):
     the null class, and with it CFG, stays trained)."""
     p_drop = float(cfg.gpt.class_dropout_prob)
 
-    def step(state, batch, rng, codebook):
+    def step(state, batch, rng, codebook, aux):
+        del aux  # LlamaGen only: VAR has no adaptation stage
         key = jax.random.fold_in(rng, state["step"])
         ids, labels = batch["ids"], batch["labels"]
         drop = jax.random.uniform(key, labels.shape) < p_drop if p_drop > 0 else None
@@ -272,20 +275,21 @@ def draw_noised(key: jax.Array, q: jax.Array, draws: int, t_min: float):
     return eps, t, x
 
 
-def gts_loss(params, cfg, teacher_params, q, labels, key, codebook, settings, s: DD2Settings):
+def gts_loss(params, cfg, teacher_params, q, labels, key, codebook, settings, s: DD2Settings,
+             aux=None):
     """|v(x_t, t | q_<i) - (x_t - m_T) / t|^2, m_T the adapted teacher's posterior mean."""
-    log_p = jax.lax.stop_gradient(F.teacher_log_probs(teacher_params, cfg, q, labels, settings))
+    log_p = jax.lax.stop_gradient(F.teacher_log_probs(teacher_params, cfg, q, labels, settings, aux))
     _, t, x = draw_noised(key, q, s.noise_draws, s.t_min)
     target = (x - F.mixture_mean(x, t, log_p, codebook)) / t[..., None]
-    return losses.velocity_loss(F.velocity(params, cfg, q, labels, x, t), target)
+    return losses.velocity_loss(F.velocity(params, cfg, q, labels, x, t, aux), target)
 
 
 def tune_step(cfg, tx, settings: SamplingSettings, s: DD2Settings, head_only_until: int):
-    def step(state, batch, rng, teacher_params, codebook):
+    def step(state, batch, rng, teacher_params, codebook, aux):
         key = jax.random.fold_in(rng, state["step"])
         q = codebook[batch["ids"]]
         loss, g = jax.value_and_grad(gts_loss)(state["params"], cfg, teacher_params, q, batch["labels"],
-                                               key, codebook, settings, s)
+                                               key, codebook, settings, s, aux)
         if head_only_until > 0:
             keep = state["step"] >= head_only_until
             g = {k: (v if k == "head" else jax.tree_util.tree_map(lambda x: jnp.where(keep, x, 0.0), v))
@@ -320,11 +324,11 @@ class PairBatches:
 def warm_step(cfg, tx):
     """|G(noise) - codebook[tokens]|^2 on (noise, tokens) pairs of the flow map."""
 
-    def step(state, batch, rng, codebook):
+    def step(state, batch, rng, codebook, aux):
         del rng
 
         def loss_fn(p):
-            q = F.generate(p, cfg, batch["noise"], batch["labels"])
+            q = F.generate(p, cfg, batch["noise"], batch["labels"], aux)
             return losses.velocity_loss(q, codebook[batch["tokens"]])
 
         loss, g = jax.value_and_grad(loss_fn)(state["params"])
@@ -336,47 +340,48 @@ def warm_step(cfg, tx):
 
 
 # -- stage 3: conditional score distillation ---------------------------------------------------
-def fcs_loss(guide, cfg, q, labels, key, s: DD2Settings):
+def fcs_loss(guide, cfg, q, labels, key, s: DD2Settings, aux=None):
     """Denoising score matching of the guidance network on generated q (velocity form)."""
     eps, t, x = draw_noised(key, q, s.noise_draws, s.t_min)
-    return losses.velocity_loss(F.velocity(guide, cfg, q, labels, x, t), eps - q[:, None])
+    return losses.velocity_loss(F.velocity(guide, cfg, q, labels, x, t, aux), eps - q[:, None])
 
 
 def generator_loss(gen, guide, cfg, teacher_params, eps_gen, labels, key, codebook, settings,
-                   s: DD2Settings):
+                   s: DD2Settings, aux=None):
     """The CSD loss of G(eps_gen) (x_0 form, `losses.csd_loss_x0`)."""
-    q = F.generate(gen, cfg, eps_gen, labels)
+    q = F.generate(gen, cfg, eps_gen, labels, aux)
     k1, k2 = jax.random.split(key)
     eps = jax.random.normal(k1, q.shape, jnp.float32)
     t = jax.random.uniform(k2, q.shape[:2], jnp.float32, s.csd_t_min, s.csd_t_max)
     guide = jax.lax.stop_gradient(guide)
 
     def teacher_mean(x, tt, prefix):
-        log_p = jax.lax.stop_gradient(F.teacher_log_probs(teacher_params, cfg, prefix, labels, settings))
+        log_p = jax.lax.stop_gradient(F.teacher_log_probs(teacher_params, cfg, prefix, labels, settings,
+                                                          aux))
         return F.mixture_mean(x, tt, log_p, codebook)
 
     def fake_mean(x, tt, prefix):
-        return F.denoised(guide, cfg, prefix, labels, x, tt)
+        return F.denoised(guide, cfg, prefix, labels, x, tt, aux)
 
     return losses.csd_loss_x0(q, eps, t, teacher_mean, fake_mean, alpha=s.alpha), q
 
 
 def random_inputs(key: jax.Array, b: int, cfg: model_lib.DD2Config):
     k1, k2 = jax.random.split(key)
-    labels = jax.random.randint(k1, (b,), 0, cfg.gpt.num_classes)
+    labels = jax.random.randint(k1, (b,), 0, cfg.num_classes)
     eps = jax.random.normal(k2, (b, cfg.seq_len, cfg.code_dim), jnp.float32)
     return eps, labels
 
 
-def guide_updates(state, key, cfg, tx_guide, s: DD2Settings, b: int, count: int):
+def guide_updates(state, key, cfg, tx_guide, s: DD2Settings, b: int, count: int, aux=None):
     """`count` FCS updates of state["guide"] on fresh generator samples."""
 
     def one(carry, k):
         guide, opt = carry
         kk = jax.random.fold_in(key, k)
         eps_gen, labels = random_inputs(jax.random.fold_in(kk, 0), b, cfg)
-        q = jax.lax.stop_gradient(F.generate(state["gen"], cfg, eps_gen, labels))
-        loss, g = jax.value_and_grad(fcs_loss)(guide, cfg, q, labels, jax.random.fold_in(kk, 1), s)
+        q = jax.lax.stop_gradient(F.generate(state["gen"], cfg, eps_gen, labels, aux))
+        loss, g = jax.value_and_grad(fcs_loss)(guide, cfg, q, labels, jax.random.fold_in(kk, 1), s, aux)
         u, opt = tx_guide.update(g, opt, guide)
         return (optax.apply_updates(guide, u), opt), loss
 
@@ -388,18 +393,18 @@ def csd_step(cfg, tx_gen, tx_guide, settings: SamplingSettings, s: DD2Settings, 
              train_generator: bool = True):
     """One iteration: K guidance updates, then (unless aligning) one generator update + EMA."""
 
-    def step(state, batch, rng, teacher_params, codebook):
+    def step(state, batch, rng, teacher_params, codebook, aux):
         del batch
         key = jax.random.fold_in(rng, state["step"])
         guide, guide_opt, fl = guide_updates(state, jax.random.fold_in(key, 0), cfg, tx_guide, s, b,
-                                             s.guide_steps)
+                                             s.guide_steps, aux)
         metrics = {"fcs": fl}
         new = {**state, "step": state["step"] + 1, "guide": guide, "guide_opt": guide_opt}
         if train_generator:
             eps_gen, labels = random_inputs(jax.random.fold_in(key, 1), b, cfg)
             (loss, q), g = jax.value_and_grad(generator_loss, has_aux=True)(
                 state["gen"], guide, cfg, teacher_params, eps_gen, labels, jax.random.fold_in(key, 2),
-                codebook, settings, s)
+                codebook, settings, s, aux)
             u, gen_opt = tx_gen.update(g, state["gen_opt"], state["gen"])
             gen = optax.apply_updates(state["gen"], u)
             decay = optim.ema_decay_at(state["gen_step"], s.ema_decay, s.ema_warmup)
@@ -453,6 +458,9 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
         raise ValueError("config.dd2.warm_steps > 0 needs DD1's pairs (run the pair stage first)")
     s.check(sharding_lib.batch_size_per_step(mesh))
     cfg = model_config(teacher, s)
+    if F.is_var(cfg) and s.adapt_steps:
+        raise ValueError(f"config.dd2.adapt_steps={s.adapt_steps}: VAR reads continuous tokens as it "
+                         "is and has no continuous-input adaptation; set it to 0")
     root = dd2_dir(workdir)
     os.makedirs(root, exist_ok=True)
     meta_path = os.path.join(root, "dd2.json")
@@ -472,31 +480,36 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
     t_start = time.time()
 
     data = None
-    if s.adapt_steps or s.tune_steps:
+    if (s.adapt_steps and not F.is_var(cfg)) or s.tune_steps:
         t0 = time.time()
         data = teacher_samples(teacher, s, settings, root, seed=seed, mesh=mesh)
         result["samples_seconds"] = time.time() - t0
 
-    # adapt
+    # adapt (LlamaGen; VAR reads continuous tokens as it is, so its teacher is DD2's teacher)
     t0 = time.time()
-    table = jnp.asarray(teacher.params["tok_embeddings"]["embedding"], jnp.float32)
-    tx = s.adapt_opt.make(s.adapt_steps)
+    aux = F.family_aux(teacher)
+    if F.is_var(cfg):
+        adapted = var_model.adapt_teacher(cfg, teacher.params, jax.random.fold_in(key, 10))
+        result["stages"]["adapt"] = {"history": [], "start_step": 0, "seconds": 0.0, "wall": 0.0}
+    else:
+        table = jnp.asarray(teacher.params["tok_embeddings"]["embedding"], jnp.float32)
+        tx = s.adapt_opt.make(s.adapt_steps)
 
-    def adapt_init(p):
-        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt": tx.init(p)}
+        def adapt_init(p):
+            return {"step": jnp.zeros((), jnp.int32), "params": p, "opt": tx.init(p)}
 
-    adapt_dir = os.path.join(root, "adapt")
-    start = model_lib.adapt_teacher(cfg, teacher.params, codebook, jax.random.fold_in(key, 10),
-                                    s.embed_tau)
-    result["adapt_embedding_error"] = embedding_error(start, cfg, table, codebook)
-    logging.info("dd2 adapt: the continuous embedding is %.2e (relative) from the token table at "
-                 "the codes", result["adapt_embedding_error"])
-    state, hist = run_stage("adapt", adapt_dir, init=adapt_init, init_args=(start,),
-                            step=adapt_step(cfg, tx), args=(codebook,), num_steps=s.adapt_steps,
-                            s=s, mesh=mesh, rng=jax.random.fold_in(key, 1),
-                            batch=sample_batch(data, s.batch_size, seed, 1) if data else None)
-    adapted = state["params"]
-    result["stages"]["adapt"] = {**hist, "wall": time.time() - t0}
+        adapt_dir = os.path.join(root, "adapt")
+        start = model_lib.adapt_teacher(cfg, teacher.params, codebook, jax.random.fold_in(key, 10),
+                                        s.embed_tau)
+        result["adapt_embedding_error"] = embedding_error(start, cfg, table, codebook)
+        logging.info("dd2 adapt: the continuous embedding is %.2e (relative) from the token table at "
+                     "the codes", result["adapt_embedding_error"])
+        state, hist = run_stage("adapt", adapt_dir, init=adapt_init, init_args=(start,),
+                                step=adapt_step(cfg, tx), args=(codebook, aux), num_steps=s.adapt_steps,
+                                s=s, mesh=mesh, rng=jax.random.fold_in(key, 1),
+                                batch=sample_batch(data, s.batch_size, seed, 1) if data else None)
+        adapted = state["params"]
+        result["stages"]["adapt"] = {**hist, "wall": time.time() - t0}
     _save(os.path.join(root, TEACHER_DIR), adapted, "dd2_teacher", cfg, teacher.checkpoint)
 
     # tune
@@ -504,13 +517,13 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
     tx = s.tune_opt.make(s.tune_steps)
 
     def tune_init(adapted):
-        p = model_lib.score_from_teacher(cfg, adapted, jax.random.fold_in(key, 20))
+        p = F.score_from_teacher(cfg, adapted, jax.random.fold_in(key, 20))
         return {"step": jnp.zeros((), jnp.int32), "params": p, "opt": tx.init(p)}
 
     state, hist = run_stage("tune", os.path.join(root, "tune"), init=tune_init, init_args=(adapted,),
                             inputs={"adapt": s.adapt_steps},
                             step=tune_step(cfg, tx, settings, s, s.tune_head_steps),
-                            args=(adapted, codebook), num_steps=s.tune_steps, s=s, mesh=mesh,
+                            args=(adapted, codebook, aux), num_steps=s.tune_steps, s=s, mesh=mesh,
                             rng=jax.random.fold_in(key, 2),
                             batch=sample_batch(data, s.batch_size, seed, 2) if data else None)
     tuned = state["params"]
@@ -529,7 +542,7 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
 
         state, hist = run_stage("warm", os.path.join(root, "warm"), init=warm_init, init_args=(tuned,),
                                 inputs={"adapt": s.adapt_steps, "tune": s.tune_steps},
-                                step=warm_step(cfg, tx), args=(codebook,), num_steps=s.warm_steps, s=s,
+                                step=warm_step(cfg, tx), args=(codebook, aux), num_steps=s.warm_steps, s=s,
                                 mesh=mesh, rng=jax.random.fold_in(key, 9),
                                 batch=PairBatches(pairs, s.batch_size, seed))
         generator = state["params"]
@@ -563,7 +576,7 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
         state, hist = run_stage(name, os.path.join(root, name), init=init, init_args=(state,),
                                 inputs=dict(before),
                                 step=csd_step(cfg, tx_gen, tx_guide, settings, ss, b, train_gen),
-                                args=(adapted, codebook), num_steps=steps, s=s, mesh=mesh,
+                                args=(adapted, codebook, aux), num_steps=steps, s=s, mesh=mesh,
                                 rng=jax.random.fold_in(key, 3 + i))
         result["stages"][name] = {**hist, "wall": time.time() - t0}
         before[name] = steps

@@ -1,4 +1,5 @@
-"""DD2's stages on 8 devices (data parallel, and FSDP over 4) equal one device."""
+"""DD2's stages on 8 devices (data parallel, and FSDP over 4) equal one device, on LlamaGen and
+on VAR."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import dataclasses
 import jax
 import llamagen
 import numpy as np
+import pytest
+import var as var_configs
 
 from ddjax import sharding
 from ddjax.app.build import build_teacher
@@ -14,19 +17,22 @@ from ddjax.app.settings import read_settings
 from ddjax.dd2 import train as T
 
 
-def test_dd2_stages_on_8_devices_equal_one_device(tmp_path):
-    config = llamagen.get_config("tiny,method=dd2")
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_dd2_stages_on_8_devices_equal_one_device(tmp_path, family):
+    config = (llamagen if family == "llamagen" else var_configs).get_config("tiny,method=dd2")
     teacher = build_teacher(config)
     s = read_settings(config)
     runs = {}
-    for name, axes, mode in (("one", None, "data"), ("data", {"data": -1}, "data"),
-                             ("fsdp", {"data": 2, "fsdp": 4}, "fsdp")):
+    meshes = [("one", None, "data"), ("data", {"data": -1}, "data"), ("fsdp", {"data": 2, "fsdp": 4}, "fsdp")]
+    if family == "var":  # data x fsdp covers both axes; the data-only run is LlamaGen's
+        meshes = [meshes[0], meshes[2]]
+    for name, axes, mode in meshes:
         mesh = sharding.make_mesh(axes, jax.devices()[:1] if axes is None else None)
         dd2 = dataclasses.replace(s.dd2, sharding=mode)
         out = T.train(teacher, dd2, s.sampling, workdir=str(tmp_path / name), mesh=mesh)
         runs[name] = jax.device_get({k: out["final_state"][k] for k in ("gen_ema", "guide")})
-    one, eight = (np.load(tmp_path / n / "dd2" / "samples.npz")["ids"] for n in ("one", "data"))
+    one, eight = (np.load(tmp_path / n / "dd2" / "samples.npz")["ids"] for n in ("one", list(runs)[1]))
     np.testing.assert_array_equal(one, eight)
-    for name in ("data", "fsdp"):
+    for name in list(runs)[1:]:
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5),
                                runs[name], runs["one"])

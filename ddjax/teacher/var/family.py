@@ -43,11 +43,10 @@ def _decode(vae_params: Any, latents: jax.Array, *, cfg: VQVAEConfig) -> jax.Arr
     return vae.apply({"params": vae_params}, latents, method=lambda m, z: _fhat_replay(m, cfg, z))
 
 
-@functools.partial(jax.jit, static_argnames=("var_cfg", "vae_cfg", "settings"))
-def _log_probs(var_params: Any, vae_params: Any, ids: jax.Array, labels: jax.Array, *,
-               var_cfg: VARConfig, vae_cfg: VQVAEConfig,
-               settings: sampling_lib.VARSamplingSettings) -> jax.Array:
-    x = VQVAE(vae_cfg).apply({"params": vae_params}, ids, method=VQVAE.idxBl_to_var_input)
+def processed_log_probs(var_params: Any, var_cfg: VARConfig, x: jax.Array, labels: jax.Array,
+                        settings: sampling_lib.VARSamplingSettings) -> jax.Array:
+    """The teacher's processed distribution (VAR's per-scale CFG ramp, top-k, top-p) of every
+    position given the teacher-forcing input x [B, L - pn_0^2, Cvae]: [B, L, V] log-probs."""
     model = VAR(var_cfg)
     logits = model.apply({"params": var_params}, labels, x)
     if settings.cfg != 0:
@@ -59,6 +58,14 @@ def _log_probs(var_params: Any, vae_params: Any, ids: jax.Array, labels: jax.Arr
         logits = jnp.concatenate(parts, axis=1)
     filtered = sampling_lib.filter_top_k_top_p(logits, settings.top_k, settings.top_p)
     return jax.nn.log_softmax(filtered.astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("var_cfg", "vae_cfg", "settings"))
+def _log_probs(var_params: Any, vae_params: Any, ids: jax.Array, labels: jax.Array, *,
+               var_cfg: VARConfig, vae_cfg: VQVAEConfig,
+               settings: sampling_lib.VARSamplingSettings) -> jax.Array:
+    x = VQVAE(vae_cfg).apply({"params": vae_params}, ids, method=VQVAE.idxBl_to_var_input)
+    return processed_log_probs(var_params, var_cfg, x, labels, settings)
 
 
 class VARTeacher(Teacher):

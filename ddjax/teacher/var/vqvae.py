@@ -395,6 +395,24 @@ class VQVAE(nn.Module):
             nxt.append(x.reshape(b, -1, c.z_channels))
         return jnp.concatenate(nxt, axis=1)
 
+    def latents_to_var_input(self, latents: jax.Array) -> jax.Array:
+        """`idxBl_to_var_input` of continuous tokens: latents [B, L, Cvae] (scales concatenated,
+        codes or off-codebook vectors) -> [B, L - pn_0^2, Cvae] float32. Scale si+1's rows
+        depend on the latents of scales <= si only."""
+        c = self.config
+        b = latents.shape[0]
+        if latents.ndim != 3 or latents.shape[1] != c.seq_len:
+            raise ValueError(f"latents must be [B, {c.seq_len}, Cvae], got {latents.shape}")
+        f_hat = jnp.zeros((b, c.latent_size, c.latent_size, c.z_channels), jnp.float32)
+        nxt = []
+        for si in range(c.num_scales - 1):
+            a, e = c.begin_ends[si]
+            pn = c.patch_nums[si]
+            code_map = latents[:, a:e].reshape(b, pn, pn, -1).astype(jnp.float32)
+            f_hat, x = self.next_input(si, f_hat, code_map)
+            nxt.append(x.reshape(b, -1, c.z_channels))
+        return jnp.concatenate(nxt, axis=1)
+
     def next_input(self, si: int, f_hat: jax.Array, code_map: jax.Array) -> tuple[jax.Array, jax.Array]:
         """`get_next_autoregressive_input`: add scale si's code map [B, pn, pn, Cvae] to f_hat.
 
