@@ -71,3 +71,23 @@ def test_equal_scores_give_zero_loss_and_zero_gradient():
     loss, grad = jax.value_and_grad(lambda q: csd_loss(q, eps, t, teacher, teacher))(q)
     assert float(loss) == 0.0
     np.testing.assert_allclose(np.asarray(grad), 0.0, atol=1e-7)
+
+
+def test_the_warm_starts_code_cross_entropy_and_code_distance():
+    from ddjax.dd2.train import code_ce, min_code_distance
+
+    rng = np.random.default_rng(1)
+    codes = rng.standard_normal((7, 3)).astype(np.float32)
+    q = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    tokens = rng.integers(0, 7, (2, 5))
+    tau = 0.7
+    d2 = ((q[:, :, None, :] - codes[None, None]) ** 2).sum(-1)  # [2, 5, 7]
+    logits = -d2 / (2 * tau * tau)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    want = -np.mean(np.take_along_axis(logp, tokens[..., None], -1))
+    got = float(code_ce(jnp.asarray(q), jnp.asarray(tokens), jnp.asarray(codes), tau))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    c64 = codes.astype(np.float64)
+    pair = np.sqrt(((c64[:, None] - c64[None]) ** 2).sum(-1)) + np.diag(np.full(7, np.inf))
+    np.testing.assert_allclose(min_code_distance(codes, chunk=3), pair.min(), rtol=1e-9)

@@ -167,3 +167,30 @@ def test_the_tiny_var_pipeline_resumes_and_its_generator_loads_and_exports(tiny_
     with pytest.raises(ValueError, match="adapt_steps=3: VAR reads continuous tokens"):
         T.train(teacher, dataclasses.replace(s.dd2, adapt_steps=3), s.sampling,
                 workdir=str(tmp_path / "bad"), mesh=mesh)
+
+
+def test_head_only_tuning_moves_the_score_head_alone(teacher, cfg):
+    """VAR's recipe tunes the MLP head first (tune_head_steps), then the whole network."""
+    from ddjax.dd2.settings import settings_from_dict
+
+    s = settings_from_dict({"noise_draws": 2, "adapt_steps": 0, "tune_steps": 3, "tune_head_steps": 1,
+                            "tune_opt": {"lr": 1e-3, "warmup_steps": 0}})
+    adapted = VM.adapt_teacher(cfg, teacher.params, jax.random.PRNGKey(0))
+    p0 = F.score_from_teacher(cfg, adapted, jax.random.PRNGKey(1))
+    tx = s.tune_opt.make(s.tune_steps)
+    step = jax.jit(T.tune_step(cfg, tx, VARSamplingSettings(cfg=1.0), s, s.tune_head_steps))
+    ids = np.random.default_rng(2).integers(0, teacher.vocab_size, (4, teacher.seq_len)).astype(np.int32)
+    batch = {"ids": jnp.asarray(ids), "labels": jnp.arange(4)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": p0, "opt": tx.init(p0)}
+    codebook, aux = jnp.asarray(teacher.codebook), F.family_aux(teacher)
+    for i in range(3):
+        state, m = step(state, batch, jax.random.PRNGKey(3), adapted, codebook, aux)
+        assert float(m["l2_grads"]) > 0
+        leaves = jax.tree_util.tree_leaves
+        moved = {k: max(float(jnp.abs(a - b).max())
+                        for a, b in zip(leaves(state["params"][k]), leaves(p0[k]))) for k in p0}
+        assert moved["score_head"] > 0
+        backbone = max(v for k, v in moved.items() if k != "score_head")
+        # The head's zero-initialised output and modulation layers pass gradient to the
+        # backbone from its third update on.
+        assert (backbone == 0) if i < 2 else (backbone > 0), (i, moved)

@@ -120,6 +120,11 @@ def generate(params: Any, config: Any, eps: Array, labels: Array, aux: Any = Non
 
 
 # -- parameters, per family ---------------------------------------------------------------------
+def score_head_name(config: Any) -> str:
+    """The MLP head's top-level parameter name (VAR's `head` is its logits head)."""
+    return "score_head" if is_var(config) else "head"
+
+
 def init_params(config: Any, role: str, rng: Array) -> Any:
     """Fresh params of a DD2 network of either family."""
     if is_var(config):
@@ -135,4 +140,4 @@ def score_from_teacher(config: Any, adapted: Any, rng: Array) -> Any:
 
 
 __all__ = ["teacher_logits", "teacher_log_probs", "mixture_mean", "features", "velocity", "denoised",
-           "generate", "family_aux", "is_var", "init_params", "score_from_teacher"]
+           "generate", "family_aux", "is_var", "init_params", "score_from_teacher", "score_head_name"]

@@ -21,8 +21,9 @@ from ddjax.teacher.var.vqvae import VQVAEConfig
 from ddjax.utils import optim
 from ddjax.utils.checkpoint import config_to_dict
 
-
 # -- settings ---------------------------------------------------------------------------------
+WARM_LOSSES = ("mse", "code_ce")
+
 @dataclasses.dataclass(frozen=True)
 class OptSettings:
     """Adam(b1, b2) with linear warmup to lr, then constant (dd2.md §5)."""
@@ -68,6 +69,11 @@ class DD2Settings:
     tune_opt: OptSettings = OptSettings(lr=1e-3, warmup_steps=50)
     warm_steps: int = 0  # generator warm start on DD1's pairs (not in the paper; 0 = off)
     warm_opt: OptSettings = OptSettings(lr=1e-3, warmup_steps=20)
+    # The warm start's loss: "mse" |G - c_y|^2, or "code_ce": cross-entropy of the snapped code
+    # with logits -|G - c_k|^2 / (2 tau^2), tau = warm_tau x the smallest code distance (the
+    # nearest-code classification trained directly, as DD1's logits are: no averaging of modes).
+    warm_loss: str = "mse"
+    warm_tau: float = 0.5
     guide_warm_steps: int = 0  # guidance-only FCS updates on the starting generator before CSD
     csd_steps: int = 300  # generator updates
     guide_opt: OptSettings = OptSettings(lr=2e-4, warmup_steps=50)
@@ -88,6 +94,10 @@ class DD2Settings:
                      "checkpoint_every", "keep_checkpoints", "head_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"config.dd2.{name} must be positive, got {getattr(self, name)}")
+        if self.warm_loss not in WARM_LOSSES:
+            raise ValueError(f"config.dd2.warm_loss={self.warm_loss!r}; choose one of {WARM_LOSSES}")
+        if self.warm_tau <= 0:
+            raise ValueError(f"config.dd2.warm_tau must be > 0, got {self.warm_tau}")
         if self.embed_tau <= 0:
             raise ValueError(f"config.dd2.embed_tau must be > 0, got {self.embed_tau}")
         for name in ("adapt_steps", "warm_steps", "tune_steps", "tune_head_steps", "csd_steps",

@@ -292,7 +292,8 @@ def tune_step(cfg, tx, settings: SamplingSettings, s: DD2Settings, head_only_unt
                                                key, codebook, settings, s, aux)
         if head_only_until > 0:
             keep = state["step"] >= head_only_until
-            g = {k: (v if k == "head" else jax.tree_util.tree_map(lambda x: jnp.where(keep, x, 0.0), v))
+            head = F.score_head_name(cfg)
+            g = {k: (v if k == head else jax.tree_util.tree_map(lambda x: jnp.where(keep, x, 0.0), v))
                  for k, v in g.items()}
         u, opt = tx.update(g, state["opt"], state["params"])
         return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"], u), "opt": opt},
@@ -321,20 +322,43 @@ class PairBatches:
         return out
 
 
-def warm_step(cfg, tx):
-    """|G(noise) - codebook[tokens]|^2 on (noise, tokens) pairs of the flow map."""
+def code_ce(q: jax.Array, tokens: jax.Array, codebook: jax.Array, tau: jax.Array) -> jax.Array:
+    """Mean cross-entropy of tokens [B, L] under logits -|q - c_k|^2 / (2 tau^2), q [B, L, d]."""
+    c = codebook.astype(jnp.float32)
+    d2 = (jnp.sum(q * q, -1, keepdims=True) - 2.0 * q @ c.T + jnp.sum(c * c, -1))
+    logp = jax.nn.log_softmax(-d2 / (2.0 * tau * tau), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1))
+
+
+def min_code_distance(codebook: np.ndarray, chunk: int = 1024) -> float:
+    """The smallest distance between two distinct codes of codebook [K, d] (float64, chunked)."""
+    c = np.asarray(codebook, np.float64)
+    sq = np.sum(c * c, -1)
+    best = np.inf
+    for a in range(0, len(c), chunk):
+        d2 = sq[a:a + chunk, None] - 2.0 * c[a:a + chunk] @ c.T + sq[None]
+        d2[np.arange(d2.shape[0]), a + np.arange(d2.shape[0])] = np.inf
+        best = min(best, float(d2.min()))
+    return float(np.sqrt(max(best, 1e-24)))
+
+
+def warm_step(cfg, tx, loss_kind: str = "mse", tau: float = 1.0):
+    """On (noise, tokens) pairs of the flow map: |G(noise) - codebook[tokens]|^2, or with
+    loss_kind="code_ce" the nearest-code cross-entropy at tau (`code_ce`)."""
 
     def step(state, batch, rng, codebook, aux):
         del rng
 
         def loss_fn(p):
             q = F.generate(p, cfg, batch["noise"], batch["labels"], aux)
+            if loss_kind == "code_ce":
+                return code_ce(q, batch["tokens"], codebook, tau)
             return losses.velocity_loss(q, codebook[batch["tokens"]])
 
         loss, g = jax.value_and_grad(loss_fn)(state["params"])
         u, opt = tx.update(g, state["opt"], state["params"])
         return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"], u), "opt": opt},
-                {"mse": loss, "l2_grads": optax.global_norm(g)})
+                {loss_kind: loss, "l2_grads": optax.global_norm(g)})
 
     return step
 
@@ -536,14 +560,16 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
     if s.warm_steps:
         t0 = time.time()
         tx = s.warm_opt.make(s.warm_steps)
+        # host-side: the smallest distance between two codes (chunked; no [K, K] matrix)
+        warm_tau = s.warm_tau * min_code_distance(np.asarray(codebook)) if s.warm_loss == "code_ce" else 1.0
 
         def warm_init(p):
             return {"step": jnp.zeros((), jnp.int32), "params": p, "opt": tx.init(p)}
 
         state, hist = run_stage("warm", os.path.join(root, "warm"), init=warm_init, init_args=(tuned,),
                                 inputs={"adapt": s.adapt_steps, "tune": s.tune_steps},
-                                step=warm_step(cfg, tx), args=(codebook, aux), num_steps=s.warm_steps, s=s,
-                                mesh=mesh, rng=jax.random.fold_in(key, 9),
+                                step=warm_step(cfg, tx, s.warm_loss, warm_tau), args=(codebook, aux),
+                                num_steps=s.warm_steps, s=s, mesh=mesh, rng=jax.random.fold_in(key, 9),
                                 batch=PairBatches(pairs, s.batch_size, seed))
         generator = state["params"]
         result["stages"]["warm"] = {**hist, "wall": time.time() - t0}
