@@ -199,7 +199,7 @@ def dd2_block() -> mlc.ConfigDict:
         # The generator's warm start on DD1's pairs before CSD (not in the paper; 0 = off).
         "warm_steps": 0, "warm_opt": opt(1e-3, 20),
         # its loss: "mse" to the code, or "code_ce" (nearest-code cross-entropy, tau = warm_tau x
-        # the smallest distance between two codes)
+        # the median distance from a code to its nearest other code)
         "warm_loss": "mse", "warm_tau": 0.5,
         "guide_warm_steps": 0,  # guidance-only FCS updates on the starting generator before CSD
         "csd_steps": 300, "guide_opt": opt(2e-4, 50), "gen_opt": opt(1e-4, 10),  # CSD

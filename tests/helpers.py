@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -64,3 +65,15 @@ def kill_when(args, env, ready, timeout: float, delay: float = 0.0, **popen) -> 
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def seed_workdir(wd: str, dst, stages=("adapt", "tune")) -> None:
+    """Copies a DD2 run (WORKDIR)'s finished stages into dst: a rerun there restores them (nothing is
+    recompiled for them) and runs only the stages a test changes."""
+    src, out = os.path.join(wd, "dd2"), os.path.join(str(dst), "dd2")
+    os.makedirs(out, exist_ok=True)
+    for name in ("samples.npz", "dd2.json"):
+        shutil.copy(os.path.join(src, name), out)
+    for name in (*stages, "teacher"):
+        if os.path.isdir(os.path.join(src, name)):
+            shutil.copytree(os.path.join(src, name), os.path.join(out, name))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import llamagen
 import numpy as np
 import pytest
-from helpers import random_params, read_scalars, teacher_of
+from helpers import random_params, read_scalars, seed_workdir, teacher_of
 
 from ddjax.app import build
 from ddjax.app.settings import read_settings
@@ -167,6 +167,7 @@ def logged(workdir, tag: str) -> tuple[list[int], list[float]]:
 
 def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tiny_run, tmp_path):
     config, teacher, s, mesh, wd, out = tiny_run
+    seed_workdir(wd, tmp_path)
     # Stopped after 2 of the 4 CSD iterations (the learning rates do not depend on the length)...
     T.train(teacher, dataclasses.replace(s.dd2, csd_steps=2), s.sampling, workdir=str(tmp_path), mesh=mesh)
     rerun = T.train(teacher, s.dd2, s.sampling, workdir=str(tmp_path), mesh=mesh)
@@ -220,6 +221,7 @@ def test_a_sigkilled_run_resumes_to_the_same_losses_and_weights(tiny_run, tmp_pa
     script = tmp_path / "die.py"
     script.write_text(KILL_SCRIPT.format(configs=os.path.join(root, "configs")))
     killed = str(tmp_path / "killed")
+    seed_workdir(wd, killed)
     env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(script), killed], env=env, timeout=600,
                           capture_output=True, text=True)
@@ -285,6 +287,7 @@ def test_performance_alignment_freezes_the_generator_then_csd_continues(tiny_run
 
     config, teacher, s, mesh, wd, out = tiny_run
     dd2 = dataclasses.replace(s.dd2, align_steps=2, align_csd_steps=2)
+    seed_workdir(wd, tmp_path, ("adapt", "tune", "csd"))
     got = T.train(teacher, dd2, s.sampling, workdir=str(tmp_path), mesh=mesh)
     assert set(got["stages"]) == {"adapt", "tune", "csd", "align", "csd_after"}
 
@@ -307,6 +310,7 @@ def test_guide_warm_trains_the_guidance_alone_before_csd(tiny_run, tmp_path):
     import orbax.checkpoint as ocp
 
     config, teacher, s, mesh, wd, out = tiny_run
+    seed_workdir(wd, tmp_path)
     got = T.train(teacher, dataclasses.replace(s.dd2, guide_warm_steps=2), s.sampling,
                   workdir=str(tmp_path), mesh=mesh)
     assert list(got["stages"]) == ["adapt", "tune", "guide_warm", "csd"]

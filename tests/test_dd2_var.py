@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import var as var_configs  # configs/var.py
-from helpers import random_params
+from helpers import random_params, seed_workdir
 
 from ddjax.app import build
 from ddjax.app.settings import read_settings
@@ -140,7 +140,9 @@ def test_the_tiny_var_pipeline_resumes_and_its_generator_loads_and_exports(tiny_
     assert T.latest_step(f"{wd}/dd2/tune") == s.dd2.tune_steps
     cfg, params = T.load_generator(wd)
     assert cfg == out["config"] and isinstance(cfg, VM.VARDD2Config)
-    # Stopped after 2 of the 4 CSD iterations, then rerun: the uninterrupted run's weights.
+    # Stopped after 2 of the 4 CSD iterations, then rerun: the uninterrupted run's weights
+    # (the tune stage copied from the run above, so only CSD reruns).
+    seed_workdir(wd, tmp_path / "r", ("tune",))
     T.train(teacher, dataclasses.replace(s.dd2, csd_steps=2), s.sampling, workdir=str(tmp_path / "r"),
             mesh=mesh)
     rerun = T.train(teacher, s.dd2, s.sampling, workdir=str(tmp_path / "r"), mesh=mesh)

@@ -71,4 +71,12 @@ def velocity_loss(v: Array, target: Array) -> Array:
     return jnp.mean(jnp.sum(jnp.square(v - target), -1))
 
 
-__all__ = ["csd_loss", "csd_loss_x0", "velocity_loss", "ScoreFn", "MeanFn"]
+def code_ce(q: jax.Array, tokens: jax.Array, codebook: jax.Array, tau: jax.Array) -> jax.Array:
+    """Mean cross-entropy of tokens [B, L] under logits -|q - c_k|^2 / (2 tau^2), q [B, L, d]."""
+    c = codebook.astype(jnp.float32)
+    d2 = (jnp.sum(q * q, -1, keepdims=True) - 2.0 * q @ c.T + jnp.sum(c * c, -1))
+    logp = jax.nn.log_softmax(-d2 / (2.0 * tau * tau), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1))
+
+
+__all__ = ["csd_loss", "csd_loss_x0", "velocity_loss", "code_ce", "ScoreFn", "MeanFn"]

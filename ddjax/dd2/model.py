@@ -29,6 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddjax.teacher.llamagen.gpt import GPTConfig, LabelEmbedder
 from ddjax.teacher.llamagen.layers import RMSNorm, TransformerBlock, ffn_hidden_dim, rope_table_2d
@@ -249,6 +250,20 @@ def embed_tau(codebook: jax.Array, ratio: float) -> jax.Array:
     return ratio * jnp.sqrt(jnp.maximum(jnp.min(d2), 1e-12))
 
 
+def code_spacing(codebook: np.ndarray, chunk: int = 1024) -> float:
+    """The median over codes of the distance to the nearest other code, codebook [K, d]
+    (float64, chunked: no [K, K] matrix). A typical spacing: the smallest distance is set by
+    a single near-duplicate pair."""
+    c = np.asarray(codebook, np.float64)
+    sq = np.sum(c * c, -1)
+    nearest = []
+    for a in range(0, len(c), chunk):
+        d2 = sq[a:a + chunk, None] - 2.0 * c[a:a + chunk] @ c.T + sq[None]
+        d2[np.arange(d2.shape[0]), a + np.arange(d2.shape[0])] = np.inf
+        nearest.append(d2.min(1))
+    return float(np.sqrt(max(float(np.median(np.concatenate(nearest))), 1e-24)))
+
+
 def adapt_teacher(config: DD2Config, teacher_params: Any, codebook: jax.Array, rng: jax.Array,
                   tau_ratio: float = 0.2) -> Any:
     """The adapted teacher: the GPT's weights, and its token table behind `CodebookEmbed` at the
@@ -271,5 +286,5 @@ def score_from_teacher(config: DD2Config, adapted: Any, rng: jax.Array) -> Any:
 
 
 __all__ = ["DD2Config", "DD2Transformer", "CodebookEmbed", "embed_tau", "dd2_config", "init_params",
-           "adapt_teacher",
+           "adapt_teacher", "code_spacing",
            "score_from_teacher", "time_embedding", "ROLES"]

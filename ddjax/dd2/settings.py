@@ -70,7 +70,7 @@ class DD2Settings:
     warm_steps: int = 0  # generator warm start on DD1's pairs (not in the paper; 0 = off)
     warm_opt: OptSettings = OptSettings(lr=1e-3, warmup_steps=20)
     # The warm start's loss: "mse" |G - c_y|^2, or "code_ce": cross-entropy of the snapped code
-    # with logits -|G - c_k|^2 / (2 tau^2), tau = warm_tau x the smallest code distance (the
+    # with logits -|G - c_k|^2 / (2 tau^2), tau = warm_tau x the median nearest-code distance (the
     # nearest-code classification trained directly, as DD1's logits are: no averaging of modes).
     warm_loss: str = "mse"
     warm_tau: float = 0.5

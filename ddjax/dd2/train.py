@@ -322,26 +322,6 @@ class PairBatches:
         return out
 
 
-def code_ce(q: jax.Array, tokens: jax.Array, codebook: jax.Array, tau: jax.Array) -> jax.Array:
-    """Mean cross-entropy of tokens [B, L] under logits -|q - c_k|^2 / (2 tau^2), q [B, L, d]."""
-    c = codebook.astype(jnp.float32)
-    d2 = (jnp.sum(q * q, -1, keepdims=True) - 2.0 * q @ c.T + jnp.sum(c * c, -1))
-    logp = jax.nn.log_softmax(-d2 / (2.0 * tau * tau), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1))
-
-
-def min_code_distance(codebook: np.ndarray, chunk: int = 1024) -> float:
-    """The smallest distance between two distinct codes of codebook [K, d] (float64, chunked)."""
-    c = np.asarray(codebook, np.float64)
-    sq = np.sum(c * c, -1)
-    best = np.inf
-    for a in range(0, len(c), chunk):
-        d2 = sq[a:a + chunk, None] - 2.0 * c[a:a + chunk] @ c.T + sq[None]
-        d2[np.arange(d2.shape[0]), a + np.arange(d2.shape[0])] = np.inf
-        best = min(best, float(d2.min()))
-    return float(np.sqrt(max(best, 1e-24)))
-
-
 def warm_step(cfg, tx, loss_kind: str = "mse", tau: float = 1.0):
     """On (noise, tokens) pairs of the flow map: |G(noise) - codebook[tokens]|^2, or with
     loss_kind="code_ce" the nearest-code cross-entropy at tau (`code_ce`)."""
@@ -352,7 +332,7 @@ def warm_step(cfg, tx, loss_kind: str = "mse", tau: float = 1.0):
         def loss_fn(p):
             q = F.generate(p, cfg, batch["noise"], batch["labels"], aux)
             if loss_kind == "code_ce":
-                return code_ce(q, batch["tokens"], codebook, tau)
+                return losses.code_ce(q, batch["tokens"], codebook, tau)
             return losses.velocity_loss(q, codebook[batch["tokens"]])
 
         loss, g = jax.value_and_grad(loss_fn)(state["params"])
@@ -560,8 +540,9 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
     if s.warm_steps:
         t0 = time.time()
         tx = s.warm_opt.make(s.warm_steps)
-        # host-side: the smallest distance between two codes (chunked; no [K, K] matrix)
-        warm_tau = s.warm_tau * min_code_distance(np.asarray(codebook)) if s.warm_loss == "code_ce" else 1.0
+        warm_tau = 1.0  # code_ce: warm_tau x the codebook's typical spacing (host-side, chunked)
+        if s.warm_loss == "code_ce":
+            warm_tau = s.warm_tau * model_lib.code_spacing(np.asarray(codebook))
 
         def warm_init(p):
             return {"step": jnp.zeros((), jnp.int32), "params": p, "opt": tx.init(p)}

@@ -5,7 +5,8 @@ extractor and reference): FID / precision / recall.
     python experiments/dd2_digits/score.py --workdir DIR --sampler ar_diffusion --num 500
     python experiments/dd2_digits/score.py --config configs/var.py --workdir DIR   # the VAR demo
 
-one_step: the EMA generator in DIR/dd2/generator (`DD2 1-step`); ar_diffusion: the tuned score
+one_step: the EMA generator in DIR/dd2/generator (`DD2 1-step`; `--stage warm` the warm start's
+generator, `--stage csd` that stage's EMA); ar_diffusion: the tuned score
 network of DIR/dd2/tune as a token-by-token sampler (VAR: scale by scale; 10 Euler steps per
 token, dd2.md Table 7).
 """
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--continuous", action="store_true", help="decode the unsnapped tokens")
     ap.add_argument("--sampler", choices=("one_step", "ar_diffusion"), default="one_step")
+    ap.add_argument("--stage", default="", help="one_step from this stage's latest checkpoint "
+                    "(warm: the warm start) instead of DIR/dd2/generator")
     a = ap.parse_args()
     spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, a.config))
     mod = importlib.util.module_from_spec(spec)
@@ -51,10 +54,12 @@ def main() -> None:
     noise, labels = eval_inputs(a.seed, a.num, teacher.seq_len, teacher.code_dim, teacher.num_classes)
     codebook = jnp.asarray(teacher.codebook)
     aux = F.family_aux(teacher)
-    if a.sampler == "ar_diffusion":
-        tune = os.path.join(a.workdir, "dd2", "tune", "checkpoints")
-        step = latest_step(os.path.dirname(tune))
-        params = ocp.StandardCheckpointer().restore(os.path.abspath(f"{tune}/{step}/default"))["params"]
+    stage = "tune" if a.sampler == "ar_diffusion" else a.stage
+    if stage:
+        ckpts = os.path.join(a.workdir, "dd2", stage, "checkpoints")
+        step = latest_step(os.path.dirname(ckpts))
+        state = ocp.StandardCheckpointer().restore(os.path.abspath(f"{ckpts}/{step}/default"))
+        params = state["params"] if "params" in state else state["gen_ema"]
 
     def fn(n, lab):
         n, lab = jnp.asarray(n), jnp.asarray(lab)

@@ -23,9 +23,9 @@ def test_dd2_stages_on_8_devices_equal_one_device(tmp_path, family):
     teacher = build_teacher(config)
     s = read_settings(config)
     runs = {}
-    meshes = [("one", None, "data"), ("data", {"data": -1}, "data"), ("fsdp", {"data": 2, "fsdp": 4}, "fsdp")]
-    if family == "var":  # data x fsdp covers both axes; the data-only run is LlamaGen's
-        meshes = [meshes[0], meshes[2]]
+    # LlamaGen: FSDP over data 2 x fsdp 4 (both axes); VAR: data parallel over all 8
+    fsdp, data = ("fsdp", {"data": 2, "fsdp": 4}, "fsdp"), ("data", {"data": -1}, "data")
+    meshes = [("one", None, "data"), fsdp if family == "llamagen" else data]
     for name, axes, mode in meshes:
         mesh = sharding.make_mesh(axes, jax.devices()[:1] if axes is None else None)
         dd2 = dataclasses.replace(s.dd2, sharding=mode)
