@@ -13,8 +13,7 @@ from conftest import ROOT
 def test_the_8_device_suite_passes():
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"))
-    # -n 0: in this worker's process slot (the other xdist worker keeps the second core busy)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                            os.path.join(ROOT, "tests", "multidevice")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"8-device suite failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
