@@ -93,25 +93,10 @@ class VARDD2Transformer(VAR):
             self.score_head = ScoreHead(self.head_width or c.embed_dim, self.head_depth, c.cvae,
                                         dtype=c.dtype, param_dtype=c.param_dtype)
 
-    def hidden(self, x: jax.Array, labels: jax.Array, drop: jax.Array | None = None):
-        """x [B, L - pn_0^2, Cvae] (the teacher-forcing input) -> (h [B, L, C], cond [B, C])."""
-        c = self.config
-        if x.shape[1] != c.seq_len - c.first_l:
-            raise ValueError(f"x must be [B, {c.seq_len - c.first_l}, {c.cvae}], got {x.shape}")
-        cond = self.embed_cond(labels, drop, False)
-        sos = cond[:, None] + self.pos_start.astype(jnp.float32)
-        h = jnp.concatenate([jnp.broadcast_to(sos, (x.shape[0], c.first_l, c.embed_dim)),
-                             self.word_embed(x.astype(jnp.float32))], axis=1) + self.lvl_pos()
-        h = h.astype(c.dtype)
-        mask = jnp.asarray(c.block_mask())
-        for block in self.blocks:
-            h, _ = block(h, cond, mask, None, 0, False)
-        return h, cond
-
     def features(self, x: jax.Array, labels: jax.Array, drop: jax.Array | None = None) -> jax.Array:
         """The score head's features head_nm(h, cond) [B, L, C] float32; row l depends on the
         class and the input rows of the scales up to l's (the tokens of earlier scales)."""
-        h, cond = self.hidden(x, labels, drop)
+        h, cond = self.hidden(labels, x, drop=drop)
         return self.head_nm(h.astype(jnp.float32), cond)
 
     def velocity(self, x_t: jax.Array, t: jax.Array, f: jax.Array) -> jax.Array:
@@ -122,8 +107,7 @@ class VARDD2Transformer(VAR):
                  t: jax.Array | None = None, drop: jax.Array | None = None) -> jax.Array:
         """teacher: logits [B, L, V]; score: v(x_t, t | features) [B, L, Cvae]."""
         if self.role == "teacher":
-            h, cond = self.hidden(x, labels, drop)
-            return self.logits(h, cond)
+            return self.logits(*self.hidden(labels, x, drop=drop))
         return self.velocity(x_t, t, self.features(x, labels, drop))
 
 

@@ -340,6 +340,11 @@ class VAR(nn.Module):
         the class and every earlier scale. In training (rng "dropout"), labels drop to the null
         class with cond_drop_rate and the blocks drop paths.
         """
+        return self.logits(*self.hidden(labels, x, drop=drop, train=train))
+
+    def hidden(self, labels: jax.Array, x: jax.Array, *, drop: jax.Array | None = None,
+               train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Teacher forcing up to the head: (h [B, L, C] after the blocks, cond [B, C])."""
         c = self.config
         if x.shape[1] != c.seq_len - c.first_l:
             raise ValueError(f"x must be [B, {c.seq_len - c.first_l}, {c.cvae}], got {x.shape}")
@@ -351,7 +356,7 @@ class VAR(nn.Module):
         mask = jnp.asarray(c.block_mask())
         for block in self.blocks:
             h, _ = block(h, cond, mask, None, 0, train)
-        return self.logits(h, cond)
+        return h, cond
 
 
 def init_cache(config: VARConfig, batch: int, dtype: Any = None) -> list[KVCache]:
