@@ -188,10 +188,16 @@ def dd2_block() -> mlc.ConfigDict:
         "noise_draws": 4,  # R noise draws per sequence in the diffusion losses
         "t_min": 0.02,  # diffusion times of tune / FCS: U[t_min, 1]
         "csd_t_min": 0.02, "csd_t_max": 0.98,  # CSD times
+        "csd_draws": 1,  # noise draws per generated sequence in the CSD loss
+        "csd_cfg": 0.0,  # the teacher score's CFG scale in CSD (0 = config.sampling's)
         "alpha": 1.0,  # SiD's alpha
         "guide_steps": 5,  # K guidance updates per generator update
         "ema_decay": 0.9999, "ema_warmup": True,  # min(ema_decay, (i + 1) / (i + 10))
         "head_width": 0, "head_depth": 3,  # the MLP head (width 0 = the teacher's width)
+        # the generator: "score" (the paper's: the tuned network fed the shifted noise) or
+        # "student" (DD1's 1-step student, its code choice passed straight through, gradients
+        # through softmax(logits / gen_tau); needs DD1's student; not in the paper)
+        "generator": "score", "gen_tau": 1.0,
         "embed_tau": 0.2,  # the continuous embedding's tau / the smallest distance between codes
         "compute_dtype": "float32", "sharding": "data",
         "adapt_steps": 200, "adapt_opt": opt(1e-4, 20),  # adapt: AR fine-tuning (0 = skip)

@@ -109,6 +109,24 @@ def test_csd_x0_form_is_the_score_form_with_weight_t4_over_1_minus_t_squared():
     got = F.mixture_mean(q, t, lp, codebook)
     want = score_lib.posterior_mean(q.reshape(-1, d), t.reshape(-1), lp.reshape(-1, k), codebook)
     np.testing.assert_allclose(np.asarray(got).reshape(-1, d), np.asarray(want), rtol=1e-6)
+    # R noise draws per sequence: the mean of the R one-draw losses (value and gradient).
+    r = 3
+    eps_r = jnp.asarray(rng.standard_normal((b, r, n, d)), jnp.float32)
+    t_r = jnp.asarray(rng.uniform(0.2, 0.8, (b, r, n)), jnp.float32)
+
+    def tm_r(x, tt, prefix):  # the same teacher mean, for x_t [B, R, n, d]
+        lp = jax.nn.log_softmax(jnp.cumsum(prefix, 1)[..., :1] * 0.7 + jnp.arange(k) * 0.7, -1)
+        return F.mixture_mean(x, tt, jnp.broadcast_to(lp, (b, n, k)), codebook)
+
+    def fm_r(x, tt, prefix):
+        lp = jax.nn.log_softmax(jnp.cumsum(prefix, 1)[..., :1] * -0.4 + jnp.arange(k) * -0.4, -1)
+        return F.mixture_mean(x, tt, jnp.broadcast_to(lp, (b, n, k)), codebook)
+
+    many = lambda q: losses.csd_loss_x0(q, eps_r, t_r, tm_r, fm_r)  # noqa: E731
+    ones = lambda q: sum(losses.csd_loss_x0(q, eps_r[:, j], t_r[:, j], tm, fm) for j in range(r)) / r  # noqa: E731
+    np.testing.assert_allclose(float(many(q)), float(ones(q)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.grad(many)(q)), np.asarray(jax.grad(ones)(q)), rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_settings_name_the_bad_key():

@@ -152,7 +152,8 @@ def mode_train_dd2(run: Run) -> dict:
     """DD2's stages (adapt, tune, csd[, align]) in WORKDIR/dd2; resumable."""
     out = dd2_train.train(run.teacher, run.settings.dd2, run.settings.sampling, workdir=run.workdir,
                           mesh=run.mesh, seed=run.config.seed,
-                          pairs=run.pairs if run.settings.dd2.warm_steps else None)
+                          pairs=run.pairs if run.settings.dd2.warm_steps else None,
+                          student=run.student if run.settings.dd2.generator == "student" else None)
     run.__dict__.pop("generator", None)
     return {k: v for k, v in out.items() if k not in ("final_state", "tuned", "adapted")}
 

@@ -41,6 +41,7 @@ import numpy as np
 from ddjax.dd2 import functional as dd2_functional
 from ddjax.dd2 import model as dd2_model
 from ddjax.dd2 import settings as dd2_settings
+from ddjax.dd2 import student_generator as dd2_student
 from ddjax.student import families as student_families
 from ddjax.student import model as dd_model
 from ddjax.student import var_loading as var_dd_loading
@@ -77,6 +78,16 @@ VQ_USAGE_SIZE = 65536
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+
+
+def _as_student(kind: str, config: Any) -> tuple[str, Any]:
+    """A DD2 generator of kind "student" is DD1's network: its torch side is the DD student's
+    ("dd" or "var_dd", `ddjax.dd2.student_generator.student_config`), so it loads in the
+    official DD code; every other (kind, config) is returned as it is."""
+    if kind == "dd2" and getattr(config, "generator", "score") == "student":
+        scfg = dd2_student.student_config(config)
+        return ("var_dd" if isinstance(scfg, var_dd_model.VARDDConfig) else "dd"), scfg
+    return kind, config
 
 
 def _key_fn(kind: str):
@@ -163,7 +174,7 @@ def init_fn(kind: str):
     return {"gpt": gpt_lib.init_params, "vq": vq_lib.init_params, "dd": dd_model.init_params,
             "var": var_model.init_params, "var_vae": var_vqvae.init_params,
             "var_dd": var_dd_model.init_params,
-            "dd2": lambda c, rng: dd2_functional.init_params(c, "score", rng),
+            "dd2": lambda c, rng: dd2_functional.init_params(c, "generator", rng),
             "dd2_teacher": lambda c, rng: dd2_functional.init_params(c, "teacher", rng)}[kind]
 
 
@@ -186,6 +197,7 @@ def to_state_dict(params: Any, kind: str, *, vq_codebook_used: bool = True,
     var / var_vae need `config`: their buffers (written too) are built from it.
     """
     _check_kind(kind)
+    kind, config = _as_student(kind, config)
     if kind in VAR_KINDS:
         if config is None:
             raise ValueError(f"exporting {kind} needs its config (the buffers depend on it)")
@@ -211,9 +223,14 @@ def export_torch(params: Any, kind: str, path: str, *, config: Any = None,
       nest_under: `.pt` top-level keys holding the weights (default `NEST_UNDER[kind]`:
         {"model": sd} for gpt/vq, {"model": sd, "ema": sd} for dd); () writes a bare state dict.
       vq_codebook_used: add LlamaGen's `quantize.codebook_used` buffer (zeros) for "vq".
-    Returns the path. var / var_vae need `config` (bare state dicts with VAR's buffers).
+    Returns the path. var / var_vae need `config` (bare state dicts with VAR's buffers). A DD2
+    generator of kind "student" (needs `config`) is written as its DD student ("dd" / "var_dd").
     """
     _check_kind(kind)
+    if kind == "dd2" and config is None:
+        raise ValueError("exporting dd2 needs its config (a student generator is written as a DD "
+                         "student)")
+    kind, config = _as_student(kind, config)
     if config is not None:
         check_params(params, abstract_params(kind, config), source=f"{kind} params",
                      key_fn=_key_fn(kind))
@@ -231,8 +248,9 @@ def import_torch(path: str, kind: str, config: Any, weights_key: str | None = No
     EMA weights win) or at the top level; `weights_key` picks one. Buffers (RoPE tables, KV
     caches, `codebook_used`) and the regexes in `ignore` are skipped. Leaves get the dtype of
     `config.param_dtype`. Raises CheckpointError listing every missing, unexpected and
-    mis-shaped key.
+    mis-shaped key. A DD2 generator of kind "student" reads a DD student's checkpoint.
     """
+    kind, config = _as_student(kind, config)
     if kind == "var_dd" and weights_key is None:  # trainer.ema_parameters, else var_wo_ddp
         return var_dd_loading.load_var_dd(path, config)
     if kind in VAR_KINDS:
@@ -289,7 +307,7 @@ def jax_to_torch(src: str, dst: str, kind: str | None = None, *,
     stored_kind = read_meta(src)["kind"]
     return export_torch(params, stored_kind, dst, nest_under=nest_under,
                         vq_codebook_used=vq_codebook_used,
-                        config=config if stored_kind in VAR_KINDS else None)
+                        config=config if stored_kind in (*VAR_KINDS, "dd2") else None)
 
 
 __all__ = [

@@ -3,9 +3,10 @@ for both teacher families: `ddjax.dd2.model` (LlamaGen, `DD2Config`) and `ddjax.
 (VAR, `VARDD2Config`). Shapes: continuous tokens [B, L, d], labels [B] int, times [B, L] (or
 [B, R, L] for R noise draws per sequence).
 
-`aux` is what a family's networks read besides their own weights: None for LlamaGen, the
-VQVAE's `quantize` params for VAR (its backbones read tokens through VAR's input map,
-`var_model.var_input`); `family_aux(teacher)` builds it.
+`aux` is what a family's networks read besides their own weights: the codebook ("codebook",
+read by the generator "student"), and for VAR the VQVAE's `quantize` params (its backbones
+read tokens through VAR's input map, `var_model.var_input`); `family_aux(teacher)` builds it.
+LlamaGen's score networks read nothing of it (aux may be None there).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 
 from ddjax.dd2 import model as model_lib
 from ddjax.dd2 import score as score_lib
-from ddjax.dd2 import var_model
+from ddjax.dd2 import student_generator, var_model
 from ddjax.dd2.model import DD2Transformer
 from ddjax.teacher.llamagen import sampling as sampling_lib
 from ddjax.teacher.var import family as var_family
@@ -31,9 +32,10 @@ def is_var(config: Any) -> bool:
 
 def family_aux(teacher: Any) -> Any:
     """The aux input of a teacher's DD2 networks (module docstring)."""
+    out = {"codebook": jnp.asarray(teacher.codebook, jnp.float32)}
     if teacher.family == "var":
-        return {"quantize": teacher.tokenizer_params["quantize"]}
-    return None
+        out["quantize"] = teacher.tokenizer_params["quantize"]
+    return out
 
 
 def _var_aux(aux: Any) -> Any:
@@ -113,8 +115,14 @@ def denoised(params: Any, config: Any, prefix: Array, labels: Array, x_t: Array,
 
 
 def generate(params: Any, config: Any, eps: Array, labels: Array, aux: Any = None) -> Array:
-    """The one-step generator: q = eps - v(eps_i, t = 1 | eps before i), [B, L, d] (LlamaGen:
-    eps_<i; VAR: the noise of the earlier scales, through VAR's input map)."""
+    """The one-step generator, [B, L, d]. config.generator "score": q = eps - v(eps_i, t = 1 |
+    eps before i) (LlamaGen: eps_<i; VAR: the noise of the earlier scales, through VAR's input
+    map); "student": DD1's student with its code choice passed straight through
+    (`ddjax.dd2.student_generator`; reads aux["codebook"])."""
+    if config.generator == "student":
+        if aux is None or "codebook" not in aux:
+            raise ValueError("DD2's student generator needs aux = family_aux(teacher) (the codebook)")
+        return student_generator.generate(params, config, eps, labels, aux["codebook"])
     t = jnp.ones(eps.shape[:2], jnp.float32)
     return eps - velocity(params, config, eps, labels, eps, t, aux)
 
@@ -126,7 +134,12 @@ def score_head_name(config: Any) -> str:
 
 
 def init_params(config: Any, role: str, rng: Array) -> Any:
-    """Fresh params of a DD2 network of either family."""
+    """Fresh params of a DD2 network of either family: role "teacher", "score" (the guidance
+    network and the tuned network), or "generator" (config.generator's network)."""
+    if role == "generator":
+        if config.generator == "student":
+            return student_generator.init_params(config, rng)
+        role = "score"
     if is_var(config):
         return var_model.init_params(config, role, rng)
     return model_lib.init_params(config, role, rng)

@@ -52,15 +52,18 @@ def csd_loss_x0(q: Array, eps: Array, t: Array, teacher_mean: MeanFn, fake_mean:
         L = mean_{B, n} [ (1 - alpha) |m_T - m_F|^2 + (m_T - m_F) . (m_F - q) ]
 
     It is bounded as t -> 0 (the score form grows as 1 / t^2). The mean (not the sum) over
-    positions keeps the learning rate independent of L. q, eps [B, n, d], t [B, n].
+    positions keeps the learning rate independent of L. q [B, n, d]; eps [B, n, d] and t [B, n],
+    or R noise draws per sequence, eps [B, R, n, d] and t [B, R, n] (averaged; the prefix is
+    shared, so the means take x_t [B, R, n, d]).
     """
     prefix = jax.lax.stop_gradient(q)
+    qb = q[:, None] if eps.ndim == q.ndim + 1 else q
     tt = t[..., None]
-    x = (1.0 - tt) * q + tt * eps
+    x = (1.0 - tt) * qb + tt * eps
     m_t = teacher_mean(x, t, prefix)
     m_f = fake_mean(x, t, prefix)
     diff = m_t - m_f
-    per = (1.0 - alpha) * jnp.sum(diff * diff, -1) + jnp.sum(diff * (m_f - q), -1)
+    per = (1.0 - alpha) * jnp.sum(diff * diff, -1) + jnp.sum(diff * (m_f - qb), -1)
     return jnp.mean(per)
 
 

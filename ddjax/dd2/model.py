@@ -35,6 +35,16 @@ from ddjax.teacher.llamagen.gpt import GPTConfig, LabelEmbedder
 from ddjax.teacher.llamagen.layers import RMSNorm, TransformerBlock, ffn_hidden_dim, rope_table_2d
 
 ROLES = ("teacher", "score")
+# What DD2's generator is: "score", the paper's (a score network fed the shifted noise, started
+# from the tuned network); "student", DD1's one-step student (`ddjax.dd2.student_generator`).
+GENERATORS = ("score", "student")
+
+
+def check_generator(generator: str, gen_tau: float) -> None:
+    if generator not in GENERATORS:
+        raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+    if not gen_tau > 0:
+        raise ValueError(f"gen_tau must be > 0, got {gen_tau}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +55,15 @@ class DD2Config:
     code_dim: int = 8
     head_width: int = 0  # the MLP head's width (0 = gpt.dim)
     head_depth: int = 3  # residual blocks in the MLP head
+    generator: str = "score"  # GENERATORS
+    gen_tau: float = 1.0  # generator "student": the softmax temperature of its gradient
 
     def __post_init__(self):
         if self.gpt.model_type != "c2i" or self.gpt.cls_token_num != 1:
             raise ValueError("DD2 supports class-conditional LlamaGen teachers with one class token")
         if self.head_depth < 1:
             raise ValueError(f"head_depth must be >= 1, got {self.head_depth}")
+        check_generator(self.generator, self.gen_tau)
 
     @property
     def seq_len(self) -> int:
@@ -285,6 +298,7 @@ def score_from_teacher(config: DD2Config, adapted: Any, rng: jax.Array) -> Any:
     return _copy(fresh, adapted, [*backbone_names(fresh), "tok_embeddings"], "adapted teacher params")
 
 
-__all__ = ["DD2Config", "DD2Transformer", "CodebookEmbed", "embed_tau", "dd2_config", "init_params",
+__all__ = ["DD2Config", "DD2Transformer", "GENERATORS", "check_generator", "CodebookEmbed", "embed_tau",
+           "dd2_config", "init_params",
            "adapt_teacher", "code_spacing",
            "score_from_teacher", "time_embedding", "ROLES"]

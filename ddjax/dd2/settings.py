@@ -52,12 +52,21 @@ class DD2Settings:
     t_min: float = 0.02  # diffusion times of tune / FCS: U[t_min, 1]
     csd_t_min: float = 0.02  # CSD times: U[csd_t_min, csd_t_max]
     csd_t_max: float = 0.98
+    csd_draws: int = 1  # noise draws (eps_i, t_i) per generated sequence in the CSD loss
+    # The teacher score's CFG scale in CSD (0 = config.sampling's). The paper uses 2.0 in CSD
+    # where its baselines sample at 1.5 (VAR; dd2.md §5).
+    csd_cfg: float = 0.0
     alpha: float = 1.0  # SiD's alpha
     guide_steps: int = 5  # K guidance updates per generator update
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     head_width: int = 0  # 0 = the teacher's width
     head_depth: int = 3
+    # The generator: "score" (the paper's: the tuned score network fed the shifted noise) or
+    # "student" (DD1's one-step student, its code choice passed straight through with gradients
+    # through softmax(logits / gen_tau); needs DD1's student, ddjax.dd2.student_generator).
+    generator: str = "score"
+    gen_tau: float = 1.0
     embed_tau: float = 0.2  # the continuous embedding's tau / the smallest distance between codes
     compute_dtype: str = "float32"
     sharding: str = "data"  # or "fsdp"
@@ -90,10 +99,21 @@ class DD2Settings:
         if self.batch_size <= 0 or self.batch_size % batch_shards:
             raise ValueError(f"config.dd2.batch_size={self.batch_size} must be a positive multiple of "
                              f"the {batch_shards} batch shards of the mesh")
-        for name in ("num_samples", "sample_batch_size", "noise_draws", "guide_steps", "log_every",
+        if self.csd_cfg < 0:
+            raise ValueError(f"config.dd2.csd_cfg must be >= 0 (0 = config.sampling's), got {self.csd_cfg}")
+        for name in ("num_samples", "sample_batch_size", "noise_draws", "csd_draws", "guide_steps",
+                     "log_every",
                      "checkpoint_every", "keep_checkpoints", "head_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"config.dd2.{name} must be positive, got {getattr(self, name)}")
+        if self.generator not in model_lib.GENERATORS:
+            raise ValueError(f"config.dd2.generator={self.generator!r}; choose one of "
+                             f"{model_lib.GENERATORS}")
+        if not self.gen_tau > 0:
+            raise ValueError(f"config.dd2.gen_tau must be > 0, got {self.gen_tau}")
+        if self.generator == "student" and self.warm_steps:
+            raise ValueError(f"config.dd2.warm_steps={self.warm_steps}: the student generator is DD1's "
+                             "student, already trained on the pairs; set warm_steps to 0")
         if self.warm_loss not in WARM_LOSSES:
             raise ValueError(f"config.dd2.warm_loss={self.warm_loss!r}; choose one of {WARM_LOSSES}")
         if self.warm_tau <= 0:
@@ -152,18 +172,20 @@ def model_config(teacher: Teacher, s: DD2Settings) -> model_lib.DD2Config | var_
     if teacher.family == "var":
         var = dataclasses.replace(teacher.config, dtype=dtype, param_dtype=jnp.float32)
         return var_model.var_dd2_config(var, teacher.tokenizer_config, head_width=s.head_width,
-                                        head_depth=s.head_depth)
+                                        head_depth=s.head_depth, generator=s.generator,
+                                        gen_tau=s.gen_tau)
     if teacher.family != "llamagen":
         raise ValueError(f"DD2 runs on LlamaGen and VAR teachers, not on {teacher.family!r}")
     return model_lib.dd2_config(teacher.config, teacher.code_dim, dtype=dtype,
                                 param_dtype=jnp.float32, head_width=s.head_width,
-                                head_depth=s.head_depth)
+                                head_depth=s.head_depth, generator=s.generator, gen_tau=s.gen_tau)
 
 
 def config_to_json(cfg: model_lib.DD2Config | var_model.VARDD2Config) -> dict:
     if isinstance(cfg, var_model.VARDD2Config):
         return {"var": config_to_dict(cfg.var), "vae": config_to_dict(cfg.vae),
-                "head_width": cfg.head_width, "head_depth": cfg.head_depth}
+                "head_width": cfg.head_width, "head_depth": cfg.head_depth,
+                "generator": cfg.generator, "gen_tau": cfg.gen_tau}
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "gpt"}
     return {"gpt": config_to_dict(cfg.gpt), **out}
 

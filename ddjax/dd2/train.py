@@ -14,7 +14,9 @@ r"""DD2's training pipeline (dd2.md §4–5): resumable stages under WORKDIR/dd2
             adapted teacher's backbone with an MLP head) regresses the adapted teacher's
             closed-form velocity at R noise draws per sequence; it initialises both networks;
   warm      optional (`warm_steps` > 0, not in the paper): the generator regresses DD1's
-            noise->token pairs (squared error);
+            noise->token pairs (squared error). With `generator="student"` the generator is
+            DD1's student instead (`ddjax.dd2.student_generator`; not in the paper) and
+            there is no warm stage;
   guide_warm  optional (`guide_warm_steps` > 0): guidance-only FCS updates on the starting
             generator, so CSD starts from a guidance that knows the generator's distribution;
   csd       the main stage: per iteration `csd.guide_steps` guidance updates (FCS: denoising
@@ -25,11 +27,12 @@ r"""DD2's training pipeline (dd2.md §4–5): resumable stages under WORKDIR/dd2
             its EMA and frozen while the guidance network trains alone, then `align.csd_steps`
             more CSD iterations run.
 
-Each stage keeps Orbax checkpoints in dd2/<stage>/checkpoints and TensorBoard logs in
-dd2/<stage>/logs; a rerun restores a finished stage's last state instead of recomputing it,
-and resumes an interrupted one from its latest checkpoint with the rngs of an uninterrupted
-run (every step's randomness is fold_in(stage key, step)). The EMA generator is written to
-dd2/generator (`load_generator`), the adapted teacher to dd2/teacher (`load_adapted_teacher`).
+Each stage (`ddjax.dd2.stages.run_stage`) keeps Orbax checkpoints in dd2/<stage>/checkpoints
+and TensorBoard logs in dd2/<stage>/logs; a rerun restores a finished stage's last state
+instead of recomputing it, and resumes an interrupted one from its latest checkpoint with
+the rngs of an uninterrupted run (every step's randomness is fold_in(stage key, step)). The
+EMA generator is written to dd2/generator (`load_generator`), the adapted teacher to
+dd2/teacher (`load_adapted_teacher`).
 """
 
 from __future__ import annotations
@@ -38,19 +41,17 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 
 from ddjax import sharding as sharding_lib
 from ddjax.dd2 import functional as F
-from ddjax.dd2 import losses, var_model
+from ddjax.dd2 import losses, student_generator, var_model
 from ddjax.dd2 import model as model_lib
 from ddjax.dd2.settings import (
     DD2Settings,
@@ -60,129 +61,17 @@ from ddjax.dd2.settings import (
     model_config,
     settings_from_dict,
 )
-from ddjax.student.train import NonFiniteError, checkpoint_manager, state_shardings
+from ddjax.dd2.stages import latest_step, run_stage
 from ddjax.teacher.base import Teacher
 from ddjax.teacher.llamagen.sampling import SamplingSettings
 from ddjax.utils import optim
 from ddjax.utils.checkpoint import load_params, save_params
-from ddjax.utils.metrics import create_writer
 
 DD2_DIR = "dd2"
 GENERATOR_DIR = "generator"
 TEACHER_DIR = "teacher"
 SAMPLES_FILE = "samples.npz"
 STAGES = ("adapt", "tune", "warm", "guide_warm", "csd", "align", "csd_after")
-
-
-# -- the generic resumable stage --------------------------------------------------------------
-def latest_step(directory: str) -> int | None:
-    """The newest finished checkpoint step of a stage directory (None when there is none)."""
-    path = os.path.join(directory, "checkpoints")
-    steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
-    return max(steps) if steps else None
-
-
-def check_inputs(name: str, directory: str, inputs: dict[str, int]) -> None:
-    """Records which stage steps a stage started from (inputs.json) and refuses to continue it
-    from others: a finished or half-done stage built on other weights is never reused."""
-    path = os.path.join(directory, "inputs.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != inputs:
-            was = ", ".join(f"{k} step {v}" for k, v in old.items())
-            now = ", ".join(f"{k} step {v}" for k, v in inputs.items())
-            raise ValueError(f"dd2/{name} was started from {was}, but now {now} comes before it; "
-                             f"delete {directory} (and the stages after it) to redo it")
-    elif sharding_lib.is_writer():
-        os.makedirs(directory, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(inputs, f)
-        os.replace(path + ".tmp", path)
-
-
-def run_stage(name: str, directory: str, *, init: Callable[..., Any], init_args: tuple = (),
-              step: Callable, args: tuple, num_steps: int, s: DD2Settings, mesh: Any, rng: jax.Array,
-              batch: Callable[[int], Any] | None = None,
-              inputs: dict[str, int] | None = None) -> tuple[Any, dict]:
-    """Runs (or resumes, or restores when finished) one stage.
-
-    init(*init_args) -> the initial state (a dict with an int32 "step"; jitted here onto the
-    mesh; the weights it starts from come in as init_args, not as constants of the jit);
-    step(state, batch, rng, *args) -> (state, metrics {name: scalar}); batch(i) -> the host
-    batch of step i (or None). Returns (final state, {"history": [(step, metrics)], "seconds",
-    "start_step"}). Raises NonFiniteError when a metric turns NaN/inf (nothing bad is saved).
-    """
-    check_inputs(name, directory, inputs or {})
-    abstract = jax.eval_shape(init, *init_args)
-    state_sh = state_shardings(abstract, mesh, s.sharding)
-    repl = sharding_lib.replicated(mesh)
-    mngr = checkpoint_manager(os.path.join(directory, "checkpoints"), s.keep_checkpoints)
-    start = mngr.latest_step()
-    if start is not None:
-        target = jax.tree_util.tree_map(
-            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh)
-        state = mngr.restore(start, args=ocp.args.StandardRestore(target))
-        if start < num_steps:
-            logging.info("dd2 %s: resuming from step %d", name, start)
-    else:
-        start = 0
-        state = jax.jit(init, out_shardings=state_sh)(*init_args)
-    out = {"history": [], "start_step": start, "seconds": 0.0}
-    if start >= num_steps:
-        logging.info("dd2 %s: finished (step %d), restored", name, start)
-        mngr.close()
-        return state, out
-    args = jax.device_put(args, repl)
-
-    def bshard(x):
-        return sharding_lib.batch_sharding(mesh, np.ndim(x))
-
-    batch_sh = None
-    if batch is not None:
-        batch_sh = jax.tree_util.tree_map(bshard, batch(start))
-    fn = jax.jit(step, in_shardings=(state_sh, batch_sh, repl, *[repl] * len(args)),
-                 out_shardings=(state_sh, repl), donate_argnums=(0,))
-    writer = create_writer(os.path.join(directory, "logs"))
-    pending: list[tuple[int, Any]] = []
-    t0 = time.time()
-    last = (t0, start)
-    try:
-        for i in range(start, num_steps):
-            b = None
-            if batch is not None:
-                b = jax.tree_util.tree_map(lambda x, sh: sharding_lib.put_global(x, sh), batch(i), batch_sh)
-            state, m = fn(state, b, rng, *args)
-            done = i + 1
-            pending.append((done, m))
-            if done % s.log_every == 0 or done == num_steps or done % s.checkpoint_every == 0:
-                records = jax.device_get(pending)
-                pending.clear()
-                for st, vals in records:
-                    for k, v in vals.items():
-                        if not np.isfinite(v):
-                            raise NonFiniteError(
-                                f"dd2 {name} stopped: {k} = {float(v)} at step {st}; this state was not "
-                                f"saved, the latest checkpoint stays step {mngr.latest_step()}")
-                mean = {k: float(np.mean([r[1][k] for r in records])) for k in records[-1][1]}
-                now = time.time()
-                rate = (done - last[1]) / max(now - last[0], 1e-9)
-                last = (now, done)
-                writer.write_scalars(done, {**mean, "steps_per_sec": rate})
-                out["history"].append((done, mean))
-                if done % s.log_every == 0 or done == num_steps:
-                    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(mean.items()))
-                    logging.info("dd2 %s %d/%d: %s (%.2f steps/s, ETA %.0f s)", name, done, num_steps,
-                                 shown, rate, (num_steps - done) / max(rate, 1e-9))
-            if done % s.checkpoint_every == 0 or done == num_steps:
-                writer.flush()  # a killed run's logs then reach its last checkpoint
-                mngr.save(done, args=ocp.args.StandardSave(state), force=True)
-    finally:
-        writer.close()
-        mngr.wait_until_finished()
-        mngr.close()
-    out["seconds"] = time.time() - t0
-    return state, out
 
 
 # -- stage 0: teacher samples -----------------------------------------------------------------
@@ -355,8 +244,9 @@ def generator_loss(gen, guide, cfg, teacher_params, eps_gen, labels, key, codebo
     """The CSD loss of G(eps_gen) (x_0 form, `losses.csd_loss_x0`)."""
     q = F.generate(gen, cfg, eps_gen, labels, aux)
     k1, k2 = jax.random.split(key)
-    eps = jax.random.normal(k1, q.shape, jnp.float32)
-    t = jax.random.uniform(k2, q.shape[:2], jnp.float32, s.csd_t_min, s.csd_t_max)
+    shape = q.shape if s.csd_draws == 1 else (q.shape[0], s.csd_draws, *q.shape[1:])
+    eps = jax.random.normal(k1, shape, jnp.float32)
+    t = jax.random.uniform(k2, shape[:-1], jnp.float32, s.csd_t_min, s.csd_t_max)
     guide = jax.lax.stop_gradient(guide)
 
     def teacher_mean(x, tt, prefix):
@@ -368,6 +258,15 @@ def generator_loss(gen, guide, cfg, teacher_params, eps_gen, labels, key, codebo
         return F.denoised(guide, cfg, prefix, labels, x, tt, aux)
 
     return losses.csd_loss_x0(q, eps, t, teacher_mean, fake_mean, alpha=s.alpha), q
+
+
+def teacher_score_settings(settings: Any, cfg_scale: float) -> Any:
+    """The sampling settings of the teacher's score in CSD: the run's, with the CFG scale
+    cfg_scale when it is > 0 (LlamaGen's `cfg_scale`, VAR's `cfg`)."""
+    if cfg_scale <= 0:
+        return settings
+    name = "cfg_scale" if hasattr(settings, "cfg_scale") else "cfg"
+    return dataclasses.replace(settings, **{name: float(cfg_scale)})
 
 
 def random_inputs(key: jax.Array, b: int, cfg: model_lib.DD2Config):
@@ -454,12 +353,16 @@ def _save(directory: str, params: Any, kind: str, cfg: model_lib.DD2Config, sour
 
 # -- the pipeline -----------------------------------------------------------------------------
 def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workdir: str, mesh: Any,
-          seed: int = 0, pairs: Any = None) -> dict:
+          seed: int = 0, pairs: Any = None, student: tuple[Any, Any] | None = None) -> dict:
     """Runs the stages (module docstring) in WORKDIR/dd2; returns per-stage histories and
     seconds, the adaptation's embedding error and the paths of the saved networks. pairs: DD1's
-    PairDataset, needed with warm_steps > 0."""
+    PairDataset, needed with warm_steps > 0; student: DD1's (config, params), needed with
+    generator="student"."""
     if s.warm_steps and pairs is None:
         raise ValueError("config.dd2.warm_steps > 0 needs DD1's pairs (run the pair stage first)")
+    if s.generator == "student" and student is None:
+        raise ValueError("config.dd2.generator='student' needs DD1's trained student (run the train "
+                         "stage first, or set config.student.checkpoint)")
     s.check(sharding_lib.batch_size_per_step(mesh))
     cfg = model_config(teacher, s)
     if F.is_var(cfg) and s.adapt_steps:
@@ -473,7 +376,11 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
-        if old["model_config"] != meta["model_config"]:
+        # The generator's kind is not the tuned network's: switching it keeps adapt and tune
+        # (the stages after them record it in their inputs).
+        own = ("generator", "gen_tau")
+        if ({k: v for k, v in old["model_config"].items() if k not in own}
+                != {k: v for k, v in meta["model_config"].items() if k not in own}):
             raise ValueError(f"{root} holds DD2 networks of another model config; use a new workdir")
     if sharding_lib.is_writer():
         with open(meta_path, "w") as f:
@@ -535,8 +442,11 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
 
     # csd (+ optional alignment and more csd)
     tx_gen, tx_guide = s.gen_opt.make(s.csd_steps), s.guide_opt.make(s.csd_steps * s.guide_steps)
+    csd_settings = teacher_score_settings(settings, s.csd_cfg)
 
     generator = tuned
+    if s.generator == "student":
+        generator = student_generator.from_student(cfg, student)
     if s.warm_steps:
         t0 = time.time()
         tx = s.warm_opt.make(s.warm_steps)
@@ -568,6 +478,8 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
 
     b = s.batch_size
     before = {"adapt": s.adapt_steps, "tune": s.tune_steps, "warm": s.warm_steps}
+    if s.generator != "score":
+        before.update(generator=s.generator, gen_tau=s.gen_tau)
     one_guide = dataclasses.replace(s, guide_steps=1)
     stages = []
     if s.guide_warm_steps:  # the guidance first learns the starting generator's distribution
@@ -582,7 +494,7 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
         t0 = time.time()
         state, hist = run_stage(name, os.path.join(root, name), init=init, init_args=(state,),
                                 inputs=dict(before),
-                                step=csd_step(cfg, tx_gen, tx_guide, settings, ss, b, train_gen),
+                                step=csd_step(cfg, tx_gen, tx_guide, csd_settings, ss, b, train_gen),
                                 args=(adapted, codebook, aux), num_steps=steps, s=s, mesh=mesh,
                                 rng=jax.random.fold_in(key, 3 + i))
         result["stages"][name] = {**hist, "wall": time.time() - t0}
@@ -596,5 +508,5 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
 
 
 __all__ = ["DD2Settings", "OptSettings", "settings_from_dict", "train", "load_generator",
-           "load_adapted_teacher", "run_stage", "generator_loss", "fcs_loss", "gts_loss",
+           "load_adapted_teacher", "run_stage", "latest_step", "generator_loss", "fcs_loss", "gts_loss",
            "csd_step", "tune_step", "adapt_step", "embedding_error", "model_config", "STAGES"]

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddjax.dd2.model import ROLES, ScoreHead, _copy
+from ddjax.dd2.model import ROLES, ScoreHead, _copy, check_generator
 from ddjax.teacher.var.model import VAR, VARConfig
 from ddjax.teacher.var.vqvae import VQVAE, VQVAEConfig
 
@@ -39,8 +39,11 @@ class VARDD2Config:
     vae: VQVAEConfig
     head_width: int = 0  # the MLP head's width (0 = var.embed_dim)
     head_depth: int = 3  # residual blocks in the MLP head
+    generator: str = "score"  # ddjax.dd2.model.GENERATORS
+    gen_tau: float = 1.0  # generator "student": the softmax temperature of its gradient
 
     def __post_init__(self):
+        check_generator(self.generator, self.gen_tau)
         if tuple(self.var.patch_nums) != tuple(self.vae.patch_nums):
             raise ValueError(f"VAR patch_nums {self.var.patch_nums} differ from the VQVAE's "
                              f"{self.vae.patch_nums}")
