@@ -198,6 +198,9 @@ def dd2_block() -> mlc.ConfigDict:
         # "student" (DD1's 1-step student, its code choice passed straight through, gradients
         # through softmax(logits / gen_tau); needs DD1's student; not in the paper)
         "generator": "score", "gen_tau": 1.0,
+        # the guidance network: "score" (the paper's) or "ar" (generator "student" only: an AR
+        # model of the generated codes, its fake score in the teacher score's closed form)
+        "guidance": "score",
         "embed_tau": 0.2,  # the continuous embedding's tau / the smallest distance between codes
         "compute_dtype": "float32", "sharding": "data",
         "adapt_steps": 200, "adapt_opt": opt(1e-4, 20),  # adapt: AR fine-tuning (0 = skip)

@@ -101,6 +101,32 @@ def test_settings_name_the_bad_key():
         settings_from_dict({**base, "gen_tau": 0.0}).check()
     with pytest.raises(ValueError, match="config.dd2.warm_steps=5"):
         settings_from_dict({**base, "generator": "student", "warm_steps": 5}).check()
+    with pytest.raises(ValueError, match="config.dd2.guidance='ar' .* needs config.dd2.generator='student'"):
+        settings_from_dict({**base, "guidance": "ar"}).check()
+    with pytest.raises(ValueError, match="config.dd2.guidance='fake'"):
+        settings_from_dict({**base, "guidance": "fake"}).check()
+
+
+def test_the_ar_guidance_fits_the_generated_codes(teacher):
+    """guidance "ar": cross-entropy updates on a generator's samples lower the guidance's CE on
+    that generator's codes (fresh noise), starting from the teacher's network."""
+    cfg = M.dd2_config(teacher.config, teacher.code_dim, generator="student", gen_tau=1.0)
+    s = settings_from_dict({**dict(llamagen.get_config("tiny,method=dd2").dd2), "generator": "student",
+                            "guidance": "ar", "guide_steps": 8,
+                            "guide_opt": {"lr": 3e-3, "warmup_steps": 0}})
+    codebook = jnp.asarray(teacher.codebook, jnp.float32)
+    adapted = M.adapt_teacher(cfg, teacher.params, codebook, jax.random.PRNGKey(0))
+    _, gen = _student(teacher)
+    aux = F.family_aux(teacher)
+    tx = s.guide_opt.make(100)
+    state = {"gen": gen, "guide": adapted, "guide_opt": tx.init(adapted)}
+    eps, labels = T.random_inputs(jax.random.PRNGKey(1), 16, cfg)
+    q = F.generate(gen, cfg, eps, labels, aux)
+    before = float(T.fake_ar_loss(adapted, cfg, q, labels, codebook, aux))
+    guide, _, _ = jax.jit(lambda st: T.guide_updates(st, jax.random.PRNGKey(2), cfg, tx, s, 16, 8, aux,
+                                                     codebook))(state)
+    after = float(T.fake_ar_loss(guide, cfg, q, labels, codebook, aux))
+    assert after < before - 0.1, (before, after)
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +224,20 @@ def test_on_var_its_sample_is_dd1s_one_step_sample_and_it_exports_as_var_dd(tmp_
     back = api.import_torch(path, "var_dd", scfg)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                            back, params)
+
+
+def test_the_pipeline_runs_with_the_ar_guidance(tiny_student_run, tmp_path):
+    from helpers import read_scalars
+
+    teacher, s, sd, student, wd, _ = tiny_student_run
+    shutil.copytree(f"{wd}/dd2", f"{tmp_path}/dd2")
+    for name in ("guide_warm", "csd", "generator"):
+        shutil.rmtree(f"{tmp_path}/dd2/{name}", ignore_errors=True)
+    sa = dataclasses.replace(sd, guidance="ar")
+    out = T.train(teacher, sa, s.sampling, workdir=str(tmp_path), mesh=build.make_mesh(
+        llamagen.get_config("tiny,method=dd2")), student=student)
+    logged = read_scalars(f"{tmp_path}/dd2/csd/logs")
+    assert "fake_ce" in logged and "fcs" not in logged and "csd" in logged
+    assert all(np.isfinite(v) for _, v in logged["csd"])
+    # the guidance is the adapted teacher's network (role "teacher"), not a score network
+    assert "output" in out["final_state"]["guide"] and "head" not in out["final_state"]["guide"]

@@ -23,6 +23,7 @@ from ddjax.utils.checkpoint import config_to_dict
 
 # -- settings ---------------------------------------------------------------------------------
 WARM_LOSSES = ("mse", "code_ce")
+GUIDANCES = ("score", "ar")
 
 @dataclasses.dataclass(frozen=True)
 class OptSettings:
@@ -67,6 +68,11 @@ class DD2Settings:
     # through softmax(logits / gen_tau); needs DD1's student, ddjax.dd2.student_generator).
     generator: str = "score"
     gen_tau: float = 1.0
+    # The guidance network: "score" (the paper's: a score network from the tuned one, trained by
+    # denoising score matching) or "ar" (generator "student" only: the adapted teacher's network
+    # trained by AR cross-entropy on the generated codes; the fake score is then the closed-form
+    # mixture score of its distribution, as the teacher's is).
+    guidance: str = "score"
     embed_tau: float = 0.2  # the continuous embedding's tau / the smallest distance between codes
     compute_dtype: str = "float32"
     sharding: str = "data"  # or "fsdp"
@@ -111,6 +117,11 @@ class DD2Settings:
                              f"{model_lib.GENERATORS}")
         if not self.gen_tau > 0:
             raise ValueError(f"config.dd2.gen_tau must be > 0, got {self.gen_tau}")
+        if self.guidance not in GUIDANCES:
+            raise ValueError(f"config.dd2.guidance={self.guidance!r}; choose one of {GUIDANCES}")
+        if self.guidance == "ar" and self.generator != "student":
+            raise ValueError("config.dd2.guidance='ar' models generated codes: it needs "
+                             f"config.dd2.generator='student' (got {self.generator!r})")
         if self.generator == "student" and self.warm_steps:
             raise ValueError(f"config.dd2.warm_steps={self.warm_steps}: the student generator is DD1's "
                              "student, already trained on the pairs; set warm_steps to 0")

@@ -17,8 +17,12 @@ r"""DD2's training pipeline (dd2.md §4–5): resumable stages under WORKDIR/dd2
             noise->token pairs (squared error). With `generator="student"` the generator is
             DD1's student instead (`ddjax.dd2.student_generator`; not in the paper) and
             there is no warm stage;
-  guide_warm  optional (`guide_warm_steps` > 0): guidance-only FCS updates on the starting
+  guide_warm  optional (`guide_warm_steps` > 0): guidance-only updates on the starting
             generator, so CSD starts from a guidance that knows the generator's distribution;
+            the guidance network is the tuned network (guidance "score", the paper's), or with
+            guidance "ar" (generator "student", whose outputs lie on the codes) the adapted
+            teacher's network trained by AR cross-entropy on the generated codes: the fake
+            score then has the teacher score's closed form;
   csd       the main stage: per iteration `csd.guide_steps` guidance updates (FCS: denoising
             score matching on generated sequences, velocity form) then one generator update
             with the CSD loss (SiD, alpha; the prefix stop-gradient); the generator's EMA
@@ -62,6 +66,7 @@ from ddjax.dd2.settings import (
     settings_from_dict,
 )
 from ddjax.dd2.stages import latest_step, run_stage
+from ddjax.student.model import nearest_code
 from ddjax.teacher.base import Teacher
 from ddjax.teacher.llamagen.sampling import SamplingSettings
 from ddjax.utils import optim
@@ -239,6 +244,14 @@ def fcs_loss(guide, cfg, q, labels, key, s: DD2Settings, aux=None):
     return losses.velocity_loss(F.velocity(guide, cfg, q, labels, x, t, aux), eps - q[:, None])
 
 
+def fake_ar_loss(guide, cfg, q, labels, codebook, aux=None):
+    """guidance "ar": the AR cross-entropy of the generated codes q [B, L, d] under the guidance
+    network's logits (the adapted teacher's network, no CFG) given their prefixes."""
+    ids = nearest_code(q, codebook)
+    logits = F.teacher_logits(guide, cfg, q, labels, None, aux)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], -1))
+
+
 def generator_loss(gen, guide, cfg, teacher_params, eps_gen, labels, key, codebook, settings,
                    s: DD2Settings, aux=None):
     """The CSD loss of G(eps_gen) (x_0 form, `losses.csd_loss_x0`)."""
@@ -255,6 +268,9 @@ def generator_loss(gen, guide, cfg, teacher_params, eps_gen, labels, key, codebo
         return F.mixture_mean(x, tt, log_p, codebook)
 
     def fake_mean(x, tt, prefix):
+        if s.guidance == "ar":  # the generated codes' AR model in the teacher's closed form
+            log_p = jax.nn.log_softmax(F.teacher_logits(guide, cfg, prefix, labels, None, aux))
+            return F.mixture_mean(x, tt, log_p, codebook)
         return F.denoised(guide, cfg, prefix, labels, x, tt, aux)
 
     return losses.csd_loss_x0(q, eps, t, teacher_mean, fake_mean, alpha=s.alpha), q
@@ -276,15 +292,21 @@ def random_inputs(key: jax.Array, b: int, cfg: model_lib.DD2Config):
     return eps, labels
 
 
-def guide_updates(state, key, cfg, tx_guide, s: DD2Settings, b: int, count: int, aux=None):
-    """`count` FCS updates of state["guide"] on fresh generator samples."""
+def guide_updates(state, key, cfg, tx_guide, s: DD2Settings, b: int, count: int, aux=None,
+                  codebook=None):
+    """`count` updates of state["guide"] on fresh generator samples: FCS (guidance "score") or
+    the AR cross-entropy of the generated codes (guidance "ar")."""
 
     def one(carry, k):
         guide, opt = carry
         kk = jax.random.fold_in(key, k)
         eps_gen, labels = random_inputs(jax.random.fold_in(kk, 0), b, cfg)
         q = jax.lax.stop_gradient(F.generate(state["gen"], cfg, eps_gen, labels, aux))
-        loss, g = jax.value_and_grad(fcs_loss)(guide, cfg, q, labels, jax.random.fold_in(kk, 1), s, aux)
+        if s.guidance == "ar":
+            loss, g = jax.value_and_grad(fake_ar_loss)(guide, cfg, q, labels, codebook, aux)
+        else:
+            loss, g = jax.value_and_grad(fcs_loss)(guide, cfg, q, labels, jax.random.fold_in(kk, 1), s,
+                                                   aux)
         u, opt = tx_guide.update(g, opt, guide)
         return (optax.apply_updates(guide, u), opt), loss
 
@@ -300,8 +322,8 @@ def csd_step(cfg, tx_gen, tx_guide, settings: SamplingSettings, s: DD2Settings, 
         del batch
         key = jax.random.fold_in(rng, state["step"])
         guide, guide_opt, fl = guide_updates(state, jax.random.fold_in(key, 0), cfg, tx_guide, s, b,
-                                             s.guide_steps, aux)
-        metrics = {"fcs": fl}
+                                             s.guide_steps, aux, codebook)
+        metrics = {"fake_ce" if s.guidance == "ar" else "fcs": fl}
         new = {**state, "step": state["step"] + 1, "guide": guide, "guide_opt": guide_opt}
         if train_generator:
             eps_gen, labels = random_inputs(jax.random.fold_in(key, 1), b, cfg)
@@ -480,6 +502,8 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
     before = {"adapt": s.adapt_steps, "tune": s.tune_steps, "warm": s.warm_steps}
     if s.generator != "score":
         before.update(generator=s.generator, gen_tau=s.gen_tau)
+    if s.guidance != "score":
+        before.update(guidance=s.guidance)
     one_guide = dataclasses.replace(s, guide_steps=1)
     stages = []
     if s.guide_warm_steps:  # the guidance first learns the starting generator's distribution
@@ -489,7 +513,7 @@ def train(teacher: Teacher, s: DD2Settings, settings: SamplingSettings, *, workd
         stages.append(("align", s.align_steps, lambda st: restart(st, True), False, one_guide))
         if s.align_csd_steps:
             stages.append(("csd_after", s.align_csd_steps, restart, True, s))
-    state = (generator, tuned)
+    state = (generator, adapted if s.guidance == "ar" else tuned)
     for i, (name, steps, init, train_gen, ss) in enumerate(stages):
         t0 = time.time()
         state, hist = run_stage(name, os.path.join(root, name), init=init, init_args=(state,),
