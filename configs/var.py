@@ -156,9 +156,14 @@ def _digits(c: mlc.ConfigDict, assets: str, tiny: bool) -> None:
         c.eval.update(num_samples=1000, batch_size=250, extractor="digits", reference="digits",
                       extractor_weights="", grid_size=100)
         # DD2 (method=dd2; experiments/dd2_var_digits has the measurements)
-        c.dd2.update(num_samples=2048, batch_size=32, noise_draws=2, head_depth=2, tune_steps=400,
-                     tune_head_steps=100, warm_steps=600, guide_warm_steps=100, csd_steps=100,
-                     guide_steps=5, log_every=25, checkpoint_every=100)
+        # As the LlamaGen digits recipe: the generator starts as DD1's 1-step student and the
+        # guidance network models its codes (generator=student, guidance=ar; not in the
+        # paper), so there is no tune or warm stage; `generator=score,guidance=score,
+        # tune_steps=400,tune_head_steps=100,warm_steps=600` is the paper's wiring with a warm start.
+        c.dd2.update(num_samples=2048, batch_size=32, noise_draws=2, head_depth=2, tune_steps=0,
+                     tune_head_steps=0, warm_steps=0, generator="student", guidance="ar",
+                     guide_warm_steps=100, csd_steps=100, guide_steps=5, log_every=25,
+                     checkpoint_every=100)
         c.dd2.guide_opt.update(lr=1e-3, warmup_steps=10)
         c.dd2.gen_opt.update(lr=2e-5, warmup_steps=10)
     # Data: sklearn digits, bilinear 8 -> 32 px, grey copied to RGB, [-1, 1]; stratified split.
