@@ -1,7 +1,7 @@
 """DD2's samplers: the one-step generator, and the generator's prefix continued by the teacher
 (DD2 Table 2's multi-step sampling with the pre-trained model).
 
-    latents = one_step(gen_params, cfg, noise [B, L, d], labels [B], codebook)   # [B, L, d]
+    latents = one_step(gen_params, cfg, noise [B, L, d], labels [B], codebook, aux=family_aux(teacher))
 
 Tokens are snapped to their nearest code (the teacher's tokenizer decodes codes; `snap=False`
 keeps the continuous output). The report's methods come from `methods`.
@@ -30,7 +30,7 @@ DD2_ONE_STEP = "DD2 1-step"
 def one_step(params: Any, cfg: DD2Config | VARDD2Config, noise: jax.Array, labels: jax.Array,
              codebook: jax.Array, snap: bool = True, aux: Any = None) -> jax.Array:
     """G(noise): [B, L, d] continuous tokens, snapped to the codebook unless snap=False (aux:
-    `F.family_aux(teacher)`, needed for VAR)."""
+    `F.family_aux(teacher)`, needed for VAR and for a student generator)."""
     q = F.generate(params, cfg, noise, labels, aux)
     return codebook[nearest_code(q, codebook)] if snap else q
 
