@@ -206,9 +206,10 @@ sys.path.insert(0, {configs!r})
 import llamagen
 from ddjax.app import build
 from ddjax.app.settings import read_settings
+from ddjax.dd2 import stages
 from ddjax.dd2 import train as T
 
-real = T.checkpoint_manager
+real = stages.checkpoint_manager
 
 
 def dying_manager(directory, keep):
@@ -226,7 +227,7 @@ def dying_manager(directory, keep):
     return mngr
 
 
-T.checkpoint_manager = dying_manager
+stages.checkpoint_manager = dying_manager
 config = llamagen.get_config("tiny,method=dd2")
 s = read_settings(config)
 T.train(build.build_teacher(config), s.dd2, s.sampling, workdir=sys.argv[1], mesh=build.make_mesh(config))
