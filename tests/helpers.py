@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import jax
+import numpy as np
 
 from ddjax.teacher.llamagen.family import LlamaGenTeacher
 from ddjax.teacher.llamagen.gpt import gpt_config
@@ -36,6 +37,14 @@ def random_params(params, seed: int = 0, scale: float = 0.3):
 def teacher_of(cfg, params, codebook):
     """A LlamaGenTeacher over a given codebook (no tokenizer)."""
     return LlamaGenTeacher.from_codebook(cfg, params, codebook)
+
+
+def unit_codebook_teacher(tiny_gpt):
+    """The tiny GPT over a seeded codebook of unit 8-d codes (the DD2 tests' teacher)."""
+    cfg, params = tiny_gpt
+    codebook = np.array(jax.random.normal(jax.random.PRNGKey(3), (cfg.vocab_size, 8)))
+    codebook /= np.linalg.norm(codebook, axis=-1, keepdims=True)
+    return teacher_of(cfg, params, codebook)
 
 
 def read_scalars(logdir):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import llamagen
 import numpy as np
 import pytest
-from helpers import random_params, read_scalars, seed_workdir, teacher_of
+from helpers import random_params, read_scalars, seed_workdir, unit_codebook_teacher
 
 from ddjax.app import build
 from ddjax.app.settings import read_settings
@@ -30,10 +30,7 @@ from ddjax.teacher.llamagen.sampling import SamplingSettings
 
 @pytest.fixture(scope="module")
 def teacher(tiny_gpt):
-    cfg, params = tiny_gpt
-    codebook = np.array(jax.random.normal(jax.random.PRNGKey(3), (cfg.vocab_size, 8)))
-    codebook /= np.linalg.norm(codebook, axis=-1, keepdims=True)
-    return teacher_of(cfg, params, codebook)
+    return unit_codebook_teacher(tiny_gpt)
 
 
 def test_the_adapted_teacher_equals_the_teacher_at_the_codes(teacher):
