@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -22,6 +23,16 @@ def optimised_xla():
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every compiled program after each test module. Each one keeps memory maps of its
+    JIT-compiled code, and a whole suite in one process would otherwise pass the kernel's
+    vm.max_map_count (65530) and crash the next compile with a segmentation fault."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -89,6 +90,9 @@ def launch(workdir: str, sets: list[str], num_processes: int, *, kill_at: int = 
                 ended[i] = time.time()
         time.sleep(0.1)
     hung = [i for i, p in enumerate(procs) if p.poll() is None]
+    for i in hung:  # each hung worker prints every thread's stack (faulthandler) into its log
+        procs[i].send_signal(signal.SIGUSR1)
+    time.sleep(3 if hung else 0)
     for i in hung:
         procs[i].kill()
         procs[i].wait()
@@ -96,7 +100,8 @@ def launch(workdir: str, sets: list[str], num_processes: int, *, kill_at: int = 
         ended[i] = ended[i] or time.time()
         logs[i].close()
     texts = [open(os.path.join(workdir, f"process{p}.log")).read() for p in range(num_processes)]
-    assert not hung, f"processes {hung} still ran after {TIMEOUT_S} s:\n{texts[hung[0]][-4000:]}"
+    assert not hung, f"processes {hung} still ran after {TIMEOUT_S} s:\n" + "\n".join(
+        f"--- process {i} ---\n{texts[i][-6000:]}" for i in hung)
     outputs = []
     for p in range(num_processes):
         path = os.path.join(workdir, f"process{p}.json")

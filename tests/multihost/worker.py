@@ -18,6 +18,7 @@ files the evaluation wrote from this process (`record_stages`).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -130,6 +132,10 @@ def dump_checkpoint(workdir: str, path: str) -> None:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    # The log says which stage a run reached, and SIGUSR1 (sent by the test to a hung worker)
+    # prints every thread's stack into it.
+    logging.set_verbosity(logging.INFO)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     jax.config.update("jax_disable_most_optimizations", True)  # tiny models: compile time rules
     if args.num_processes > 1:
         sharding.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
