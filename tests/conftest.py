@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
+import shutil
 import sys
+import tempfile
 
-import jax
-import pytest
-from helpers import random_params, teacher_of, tiny_gpt_config  # noqa: F401  (re-exported)
+# One persistent compilation cache for the whole run, inherited by every subprocess the tests
+# start (multi-process workers, the 8-device suite, notebooks): identical programs compiled
+# again (per module, per run of a stage, per process) load from it instead. It is a fresh
+# directory unless the caller names one.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddjax-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from helpers import random_params, teacher_of, tiny_gpt_config  # noqa: E402, F401  (re-exported)
 
 # Tiny models: compile time dominates, so trade run-time optimisation for faster compiles.
 jax.config.update("jax_disable_most_optimizations", True)
