@@ -1,6 +1,6 @@
 """Device meshes and shardings (axes `data` and `fsdp`; the batch is split over both), and the
 few multi-process helpers every stage shares: `initialize_distributed`, `process_rows`,
-`gather_rows`, `is_writer`, `barrier`."""
+`gather_rows`, `is_writer`, `barrier`, `settle`."""
 
 from __future__ import annotations
 
@@ -114,6 +114,27 @@ def barrier(name: str) -> None:
     """Waits until every process reaches `name` (nothing with one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def serial_dispatch() -> bool:
+    """True where a program spanning several processes must end before the next one starts: a
+    multi-process run on XLA:CPU, whose cross-process collectives go over Gloo."""
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"
+
+
+def settle(tree: Any) -> Any:
+    """`tree` once its values are computed, on a multi-process CPU run; `tree` at once elsewhere.
+
+    With two multi-process programs in flight at once on XLA:CPU (consecutive train steps
+    dispatched asynchronously, or a step and Orbax's save barrier), the devices of the two
+    processes can enter their Gloo all-reduces in different orders and every process hangs
+    in the step (benchmarks/multiprocess_cpu_dispatch.py reproduces it with a bare jitted
+    all-reduce loop). Loops over such programs call this after each one. GPUs and TPUs order
+    their collectives on streams, so they keep asynchronous dispatch.
+    """
+    if serial_dispatch():
+        jax.block_until_ready(tree)
+    return tree
 
 
 def process_rows(num: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:

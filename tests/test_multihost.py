@@ -298,3 +298,27 @@ def test_dd2_on_2_processes_equals_1_process(tmp_path):
     assert cfg_a == cfg_b
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
+
+
+def test_back_to_back_steps_with_settle_finish_on_2_processes(tmp_path):
+    """The loop of benchmarks/multiprocess_cpu_dispatch.py (one all-reduce per jitted step, 150
+    steps) with `sharding.settle` after each step ends on both processes with one value. The same
+    loop dispatched asynchronously hangs in most runs (that benchmark counts them), which is why
+    the training loops settle each step on multi-process CPU runs."""
+    script = os.path.join(ROOT, "benchmarks", "multiprocess_cpu_dispatch.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, script, "--worker", str(p), "--port", str(port),
+                               "--steps", "150", "--mode", "settle"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for p in range(2)]
+    try:
+        texts = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], texts[0][-2000:] + texts[1][-2000:]
+    done = [re.findall(r"^done (\S+)$", t, re.M) for t in texts]
+    assert done[0] and done[0] == done[1], done

@@ -77,6 +77,7 @@ def run_stage(name: str, directory: str, *, init: Callable[..., Any], init_args:
     else:
         start = 0
         state = jax.jit(init, out_shardings=state_sh)(*init_args)
+    state = sharding_lib.settle(state)
     out = {"history": [], "start_step": start, "seconds": 0.0}
     if start >= num_steps:
         logging.info("dd2 %s: finished (step %d), restored", name, start)
@@ -101,7 +102,7 @@ def run_stage(name: str, directory: str, *, init: Callable[..., Any], init_args:
             b = None
             if batch is not None:
                 b = jax.tree_util.tree_map(lambda x, sh: sharding_lib.put_global(x, sh), batch(i), batch_sh)
-            state, m = fn(state, b, rng, *args)
+            state, m = sharding_lib.settle(fn(state, b, rng, *args))
             done = i + 1
             pending.append((done, m))
             if done % s.log_every == 0 or done == num_steps or done % s.checkpoint_every == 0:

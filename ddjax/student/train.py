@@ -421,6 +421,7 @@ def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir:
             kw["in_shardings"] = (sharding_lib.replicated(mesh),
                                   state_shardings(weights, mesh, tc.sharding))
         state = jax.jit(init_fn, out_shardings=state_sh, **kw)(init_rng, weights)
+    state = sharding_lib.settle(state)
     n_params = model_lib.param_count(abstract["params"])
     logging.info("student: %d parameters, %s sharding over %s, compute %s", n_params, tc.sharding,
                  dict(mesh.shape), tc.compute_dtype)
@@ -465,7 +466,7 @@ def train(teacher: Teacher, dataset: PairDataset, tc: TrainSettings, *, workdir:
                 if with_captions:
                     host = {**host, **caption_arrays(teacher, host["labels"])}
                 batch = put_batch(host, batch_sh)
-                state, m = step_fn(state, batch, step_rng, loss_weights)
+                state, m = sharding_lib.settle(step_fn(state, batch, step_rng, loss_weights))
             done = step + 1
             acc = m if acc is None else acc.merge(m)
             pending.append((done, {"loss": m.loss.total, "l2_grads": m.l2_grads.total}))
