@@ -126,6 +126,22 @@ def test_csd_x0_form_is_the_score_form_with_weight_t4_over_1_minus_t_squared():
                                atol=1e-6)
 
 
+def test_code_distances_in_chunks_equal_the_full_distance_matrix():
+    """embed_tau and code_spacing (host-side, chunked) against scipy's full [K, K] matrix."""
+    from scipy.spatial.distance import cdist
+
+    c = np.random.default_rng(3).standard_normal((37, 5)).astype(np.float32)
+    c[20] = c[4] + 1e-3  # a near-duplicate pair sets the smallest distance
+    full = cdist(c.astype(np.float64), c.astype(np.float64))
+    np.fill_diagonal(full, np.inf)
+    got = M.nearest_code_distances(c, chunk=8)
+    np.testing.assert_allclose(got, full.min(1), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(M.embed_tau(c, 0.2), 0.2 * full.min(), rtol=1e-9)
+    np.testing.assert_allclose(M.code_spacing(c, chunk=8), np.median(full.min(1)), rtol=1e-9)
+    with pytest.raises(ValueError, match=r"\[K >= 2, d\], got \(1, 5\)"):
+        M.nearest_code_distances(c[:1])
+
+
 def test_settings_name_the_bad_key():
     with pytest.raises(ValueError, match="unknown fields.*'bogus'"):
         settings_from_dict({"bogus": 1})

@@ -254,27 +254,31 @@ def backbone_names(params: Any) -> list[str]:
     return [n for n in params if n == "cls_embedding" or n.startswith("layers_") or n == "norm"]
 
 
-def embed_tau(codebook: jax.Array, ratio: float) -> jax.Array:
-    """tau = ratio x the smallest distance between two codes (so every code's embedding is
-    its own row up to exp(-1 / (2 ratio^2)) of a neighbour's: 4e-6 at ratio 0.2)."""
-    c = jnp.asarray(codebook, jnp.float32)
-    d2 = jnp.sum(c * c, -1)[:, None] - 2.0 * c @ c.T + jnp.sum(c * c, -1)[None, :]
-    d2 = jnp.where(jnp.eye(c.shape[0], dtype=bool), jnp.inf, d2)
-    return ratio * jnp.sqrt(jnp.maximum(jnp.min(d2), 1e-12))
-
-
-def code_spacing(codebook: np.ndarray, chunk: int = 1024) -> float:
-    """The median over codes of the distance to the nearest other code, codebook [K, d]
-    (float64, chunked: no [K, K] matrix). A typical spacing: the smallest distance is set by
-    a single near-duplicate pair."""
+def nearest_code_distances(codebook: Any, chunk: int = 1024) -> np.ndarray:
+    """[K] each code's distance to its nearest other code, codebook [K, d] (host-side float64,
+    in chunks of rows: no [K, K] matrix, so a 16384-code codebook needs 128 MB, not 1 GB)."""
     c = np.asarray(codebook, np.float64)
+    if c.ndim != 2 or len(c) < 2:
+        raise ValueError(f"the codebook must be [K >= 2, d], got {c.shape}")
     sq = np.sum(c * c, -1)
     nearest = []
     for a in range(0, len(c), chunk):
         d2 = sq[a:a + chunk, None] - 2.0 * c[a:a + chunk] @ c.T + sq[None]
         d2[np.arange(d2.shape[0]), a + np.arange(d2.shape[0])] = np.inf
         nearest.append(d2.min(1))
-    return float(np.sqrt(max(float(np.median(np.concatenate(nearest))), 1e-24)))
+    return np.sqrt(np.maximum(np.concatenate(nearest), 1e-24))
+
+
+def embed_tau(codebook: Any, ratio: float) -> float:
+    """tau = ratio x the smallest distance between two codes (so every code's embedding is
+    its own row up to exp(-1 / (2 ratio^2)) of a neighbour's: 4e-6 at ratio 0.2)."""
+    return ratio * float(np.min(nearest_code_distances(codebook)))
+
+
+def code_spacing(codebook: np.ndarray, chunk: int = 1024) -> float:
+    """The median over codes of the distance to the nearest other code, codebook [K, d]. A
+    typical spacing: the smallest distance is set by a single near-duplicate pair."""
+    return float(np.median(nearest_code_distances(codebook, chunk)))
 
 
 def adapt_teacher(config: DD2Config, teacher_params: Any, codebook: jax.Array, rng: jax.Array,
@@ -288,7 +292,7 @@ def adapt_teacher(config: DD2Config, teacher_params: Any, codebook: jax.Array, r
         raise ValueError(f"the teacher's token table is {table.shape}, this network's "
                          f"{fresh['tok_embeddings']['table'].shape}")
     out["tok_embeddings"] = {"centers": jnp.asarray(codebook, jnp.float32), "table": table,
-                             "log_tau": jnp.log(embed_tau(codebook, tau_ratio)).reshape(1)}
+                             "log_tau": jnp.full((1,), np.log(embed_tau(codebook, tau_ratio)), jnp.float32)}
     return out
 
 
@@ -300,5 +304,5 @@ def score_from_teacher(config: DD2Config, adapted: Any, rng: jax.Array) -> Any:
 
 __all__ = ["DD2Config", "DD2Transformer", "GENERATORS", "check_generator", "CodebookEmbed", "embed_tau",
            "dd2_config", "init_params",
-           "adapt_teacher", "code_spacing",
+           "adapt_teacher", "code_spacing", "nearest_code_distances",
            "score_from_teacher", "time_embedding", "ROLES"]
