@@ -79,11 +79,11 @@ def run_stage(name: str, directory: str, *, init: Callable[..., Any], init_args:
         state = jax.jit(init, out_shardings=state_sh)(*init_args)
     state = sharding_lib.settle(state)
     out = {"history": [], "start_step": start, "seconds": 0.0}
-    if num_steps == 0:
-        logging.info("dd2 %s: 0 steps configured, its initial state goes on unchanged", name)
-    elif start >= num_steps:
-        logging.info("dd2 %s: finished (step %d), restored", name, start)
     if start >= num_steps:
+        if num_steps == 0:
+            logging.info("dd2 %s: 0 steps configured, its initial state goes on unchanged", name)
+        else:
+            logging.info("dd2 %s: finished (step %d), restored", name, start)
         mngr.close()
         return state, out
     args = jax.device_put(args, repl)
