@@ -5,9 +5,11 @@ sampling in the same compiled loop (target: <= 15%), measured in one run.
     python benchmarks/pairs.py --tokens 256 --batch 8
     python benchmarks/pairs.py --small            # tiny model smoke run
 
-Both paths run `ddjax.teacher.llamagen.sampling.sample` with the same teacher, batch and settings; the
-map replaces the multinomial draw by the one-token flow map (default FlowSettings) and reads
-the noise. Random weights; K = 16384 codes of dimension 8 (L2-normalised).
+All paths run `ddjax.teacher.llamagen.sampling.sample` with the same teacher, batch and settings;
+the map replaces the multinomial draw by the one-token flow map and reads the noise. Two flow
+settings are timed: configs/llamagen.py's (the released checkpoints' flow block: early_steps
+10) and FlowSettings()' plain cubic grid. Random weights; K = 16384 codes of dimension 8
+(L2-normalised, as LlamaGen's VQ). Each variant's tokens are compared with the plain grid's.
 """
 
 from __future__ import annotations
@@ -21,13 +23,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks._common import interleaved, print_environment, table  # noqa: E402
+from ddjax.configs_path import load_config  # noqa: E402
 from ddjax.mapper.flow import FlowSettings  # noqa: E402
 from ddjax.mapper.sequence import map_noise_to_tokens  # noqa: E402
 from ddjax.teacher.llamagen.family import LlamaGenTeacher  # noqa: E402
 from ddjax.teacher.llamagen.gpt import gpt_config, init_params  # noqa: E402
 from ddjax.teacher.llamagen.sampling import SamplingSettings, sample  # noqa: E402
+
+
+def parse_overrides(text: str) -> dict:
+    """'a=1,b=None' -> {'a': 1, 'b': None} for FlowSettings fields (values as Python literals)."""
+    import ast
+
+    fields = {f.name for f in dataclasses.fields(FlowSettings)}
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in fields:
+            raise SystemExit(f"--flow: {name!r} is not a FlowSettings field ({sorted(fields)})")
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name] = value  # a bare string, e.g. schedule=cubic
+    return out
 
 
 def main(argv=None):
@@ -39,6 +60,8 @@ def main(argv=None):
     p.add_argument("--small", action="store_true")
     p.add_argument("--chunk", type=int, default=None,
                    help="FlowSettings.chunk (rows mapped together; default: FlowSettings' own)")
+    p.add_argument("--flow", default="",
+                   help="FlowSettings overrides, e.g. 'early_steps=10,prune_t=None' (default: none)")
     args = p.parse_args(argv)
     dims = dict(n_layer=2, dim=64, n_head=4, vocab_size=256, block_size=16, num_classes=10) if args.small \
         else dict(vocab_size=16384, block_size=256, num_classes=1000)
@@ -56,18 +79,31 @@ def main(argv=None):
     noise = jax.random.normal(jax.random.PRNGKey(3), (b, tokens, 8))
     s = SamplingSettings(cfg_scale=2.0, top_k=min(args.top_k, cfg.vocab_size))
     # A chunk larger than the batch maps padding rows; results depend on the chunk, not the batch.
-    flow = dataclasses.replace(FlowSettings(), chunk=args.chunk or FlowSettings().chunk)
-    print_environment({"flow": flow, "tokens": tokens, "batch": b})
-    fns = {
-        "ancestral": lambda: sample(params, cfg, labels, jax.random.PRNGKey(0), s, num_tokens=tokens),
-        "flow map": lambda: map_noise_to_tokens(teacher, noise, labels, s, flow),
+    chunk = {"chunk": args.chunk} if args.chunk else {}
+    flows = {
+        "flow map (configs/llamagen.py)": dataclasses.replace(
+            FlowSettings(**dict(load_config("llamagen", "B").flow)), **chunk, **parse_overrides(args.flow)),
+        "flow map (FlowSettings())": dataclasses.replace(FlowSettings(), **chunk),
     }
+    print_environment({**{f"flow: {k}": f for k, f in flows.items()}, "tokens": tokens, "batch": b})
+    fns = {"ancestral": lambda: sample(params, cfg, labels, jax.random.PRNGKey(0), s, num_tokens=tokens)}
+    for name, f in flows.items():
+        fns[name] = lambda f=f: map_noise_to_tokens(teacher, noise, labels, s, f)
     times = interleaved(fns, warmup=1, repeats=args.repeats)
-    rows = [{"path": k, "s / call": t.median, "pairs/s": b / t.median * tokens / cfg.block_size,
-             "tokens/s": b * tokens / t.median} for k, t in times.items()]
+    plain = np.asarray(fns["flow map (FlowSettings())"]())
+    base = times["ancestral"].median
+    rows = []
+    for k, t in times.items():
+        equal = "" if k == "ancestral" else f"{100 * np.mean(np.asarray(fns[k]()) == plain):.2f}"
+        rows.append({"path": k, "s / call": t.median, "min s": t.min,
+                     "pairs/s": b / t.median * tokens / cfg.block_size,
+                     "tokens/s": b * tokens / t.median, "overhead %": 100 * (t.median / base - 1),
+                     "tokens = plain grid's %": equal})
     print(table(rows))
-    overhead = times["flow map"].median / times["ancestral"].median - 1
-    print(f"# flow map overhead over ancestral sampling: {100 * overhead:.1f}% (target <= 15%)")
+    overhead = times["flow map (configs/llamagen.py)"].median / base - 1
+    print(f"# flow map overhead over ancestral sampling (configs/llamagen.py's flow): "
+          f"{100 * overhead:.1f}% (target <= 15%)")
+    print(f"# load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("# pairs/s counts full 256-token pairs (scaled from the timed tokens)")
     return overhead
 

@@ -6,6 +6,8 @@ import os
 import re
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -24,3 +26,13 @@ def test_loop_variants_draw_identical_tokens(capsys):
             and not line.startswith("|-")]
     assert [r.split("|")[1].strip() for r in rows] == names
     assert all(re.search(r"\|\s*3/3 \|$", r) for r in rows), rows
+
+
+def test_pairs_flow_overrides_name_the_bad_field():
+    from benchmarks.pairs import parse_overrides
+
+    assert parse_overrides("early_steps=10,prune_t=None,schedule=cubic") == {
+        "early_steps": 10, "prune_t": None, "schedule": "cubic"}
+    assert parse_overrides("") == {}
+    with pytest.raises(SystemExit, match="early_step"):
+        parse_overrides("early_step=10")

@@ -26,8 +26,8 @@ from ddjax.mapper.flow import FlowSettings, map_token
 
 # The converged reference: agrees with RK4 on twice as many steps on every case of
 # experiments/flow_solver/measure.py (random, clustered and the digits codebook).
-REFERENCE = FlowSettings(solver="rk4", num_steps=128, t_min=1e-4, schedule="cubic", support_k=None,
-                         prune_t=None, chunk=64)
+REFERENCE = FlowSettings(solver="rk4", num_steps=128, t_min=1e-4, schedule="cubic", early_steps=None,
+                         support_k=None, prune_t=None, chunk=64)
 DEFAULT_THRESHOLD = 0.999
 
 
@@ -128,7 +128,8 @@ def require_flow(check: FlowCheck) -> FlowCheck:
         f"({check.mismatches} differ) match the converged reference, below the threshold "
         f"{100 * check.threshold:.2f}%. The solver is too coarse for this codebook/distribution: "
         f"raise config.flow.num_steps (now {s.num_steps}), use config.flow.solver='rk4' (now "
-        f"{s.solver!r}), set config.flow.prune_t=None (now {s.prune_t}) or a finer "
-        f"config.flow.schedule (now {s.schedule!r}); or, if this agreement is acceptable, lower "
+        f"{s.solver!r}), set config.flow.prune_t=None (now {s.prune_t}), raise or unset "
+        f"config.flow.early_steps (now {s.early_steps}) or use a finer config.flow.schedule (now "
+        f"{s.schedule!r}); or, if this agreement is acceptable, lower "
         f"config.data.flow_check_threshold (now {check.threshold})."
     )

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddjax.mapper.codes import column, dots, gather, logits_from_dots, mix, sq_norms
-from ddjax.mapper.prune import SMALL_KEEP, PruneBound, certify, keep
+from ddjax.mapper.prune import GROUP_AFTER, SMALL_KEEP, PruneBound, certify, keep
 
 Array = jax.Array
 Solver = Literal["euler", "heun", "rk4"]
@@ -53,9 +53,16 @@ class FlowSettings:
 
     solver: "rk4" (classical Runge-Kutta, 4 velocity evaluations per step), "heun" (2) or
       "euler" (1). Per evaluation, RK4 converged fastest by far (measured).
-    num_steps: number of steps from t = 1 to t_min.
+    num_steps: number of steps from t = 1 to t_min (of the base schedule, with early_steps).
     t_min: end time; 0 is allowed (the last step is then an Euler step, which lands on E[x_0]).
     schedule: time grid, see `time_grid`.
+    early_steps: if set, the schedule's steps from t = 1 to its first time <= early_t are
+      replaced by min(early_steps, their number) steps equally spaced in sqrt(1/t - 1)
+      (`time_grid`; the grid is `settings_grid(settings)`). None (default): the schedule as it
+      is. 10 with the cubic 32-step schedule (10 + 14 steps instead of 32) is what
+      configs/llamagen.py uses for LlamaGen's L2-normalised codebooks (measured there; not for
+      codes with norms beyond the noise's, where the posterior commits before early_t).
+    early_t: where the early part of the grid ends (with early_steps).
     support_k: if set, keep only the `support_k` most probable codes of each row (by log_p).
       Exact when a row has at most `support_k` finite log-probabilities (top-k sampling with
       top_k <= support_k); otherwise it drops the tail mass, i.e. it maps to top-k(p).
@@ -73,6 +80,8 @@ class FlowSettings:
     num_steps: int = 32
     t_min: float = 1e-3
     schedule: Schedule = "cubic"
+    early_steps: int | None = None
+    early_t: float = 0.1
     support_k: int | None = None
     prune_t: float | None = 0.1
     prune_k: int = 512
@@ -81,9 +90,11 @@ class FlowSettings:
 
 
 def time_grid(
-    num_steps: int, t_min: float, schedule: str = "linear", dtype: type = np.float32
+    num_steps: int, t_min: float, schedule: str = "linear", dtype: type = np.float32, *,
+    early_steps: int | None = None, early_t: float = 0.1,
 ) -> np.ndarray:
-    """Decreasing times [num_steps + 1] from 1 to t_min (static numpy, float32 by default).
+    """Decreasing times from 1 to t_min (static numpy, float32 by default): [num_steps + 1], or
+    with early_steps [early_steps + 1 + (the schedule's times below early_t)].
 
     linear:    t_i = 1 - (1 - t_min) u,          u = i / num_steps
     quadratic: t_i = t_min + (1 - t_min)(1 - u)^2   (steps shrink linearly towards t_min)
@@ -92,6 +103,13 @@ def time_grid(
 
     The posterior sharpens as t -> 0 (its logits scale like 1/t^2), which is where coarse
     steps go wrong, so the non-linear grids spend more of their steps there.
+
+    early_steps: the schedule's steps from 1 to its first time t_s <= early_t are replaced by
+    min(early_steps, their number) steps equally spaced in s = sqrt(lambda), lambda = 1/t - 1
+    (the flow's natural time, `prune.prune_bound`): t = 1 / (1 + s^2). At t > early_t
+    the posterior is still spread over many codes and the flow is smooth, and every step there
+    costs full-width evaluations (pruning starts later); the cubic grid spends more than half
+    its steps there. Measured in experiments/flow_solver/README.md.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -110,7 +128,23 @@ def time_grid(
     else:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     t[0], t[-1] = 1.0, t_min  # exact end points whatever the rounding above
+    if early_steps is not None:
+        t = _with_early_steps(t, early_steps, early_t)
     return t.astype(dtype)
+
+
+def _with_early_steps(t: np.ndarray, early_steps: int, early_t: float) -> np.ndarray:
+    """t (float64, decreasing from 1) with its part above early_t replaced (see `time_grid`)."""
+    if early_steps < 1:
+        raise ValueError(f"early_steps must be >= 1, got {early_steps}")
+    if not float(t[-1]) <= early_t < 1.0:
+        raise ValueError(f"early_t must be in [t_min, 1), got {early_t} (t_min {float(t[-1])})")
+    late = t[t <= early_t]
+    if late[0] <= 0.0:
+        raise ValueError(f"early_t {early_t} leaves no grid time in (0, early_t] to end the early steps at")
+    n = min(early_steps, len(t) - len(late))  # never more steps than the schedule had there
+    s = np.linspace(0.0, math.sqrt(1.0 / late[0] - 1.0), n + 1)[:-1]
+    return np.concatenate([1.0 / (1.0 + s * s), late])
 
 
 def _shifted_logits(x: Array, t: Array, log_p: Array, codebook: Array, c2: Array) -> Array:
@@ -217,7 +251,8 @@ def _solve_pruned(
     time until it is certified; certified rows continue on their kept codes.
 
     Returns (x at the end [N, d], the step at which each row was pruned [N] int32, len(ts) - 1
-    if never). The full-width step is skipped only when every row of the block is pruned.
+    if never). The full-width step is skipped only when every row of the block is pruned. A row
+    tries the bound's group core only after `prune.GROUP_AFTER` failed tests.
     """
     n, d = x.shape
     k, dtype = s.prune_k, x.dtype
@@ -245,11 +280,12 @@ def _solve_pruned(
         return jnp.where(use[:, None], small[0], big[0]), jnp.where(use[:, None, None], small[1], big[1])
 
     def full_step(x, t, t_next, solver, state):
-        done, lp_s, cb_s, at, i = state
+        done, lp_s, cb_s, at, fails, i = state
         tc = column(t, n, dtype)
         xc = dots(x, codebook)
         logits = logits_from_dots(xc, tc, log_p, c2)
-        bound = certify(x, tc, t_end, xc, logits, log_p, codebook, c2, k, s.prune_tol, ~done)
+        group = ~done & (fails >= GROUP_AFTER)  # rows that may try the group core now
+        bound = certify(x, tc, t_end, xc, logits, log_p, codebook, c2, k, s.prune_tol, group)
         new = bound.certified & ~done
         x_full = _step(v_full, x, t, t_next, solver, _velocity_from_logits(x, tc, logits, codebook))
 
@@ -258,33 +294,35 @@ def _solve_pruned(
             return jnp.where(new[:, None], lp_n, lp_s), jnp.where(new[:, None, None], cb_n, cb_s)
 
         lp_s, cb_s = jax.lax.cond(jnp.any(new), take, lambda _: (lp_s, cb_s), None)
-        return x_full, (done | new, lp_s, cb_s, jnp.where(new, i, at), i)
+        fails = jnp.where(done | new, fails, fails + 1)
+        return x_full, (done | new, lp_s, cb_s, jnp.where(new, i, at), fails, i)
 
     def step(i, carry, solver):
-        x, done, lp_s, cb_s, at = carry
+        x, done, lp_s, cb_s, at, fails = carry
         t, t_next = grid[i], grid[i + 1]
-        state = (done, lp_s, cb_s, at, i)
-        x_full, (done, lp_s, cb_s, at, _) = jax.lax.cond(
+        state = (done, lp_s, cb_s, at, fails, i)
+        x_full, (done, lp_s, cb_s, at, fails, _) = jax.lax.cond(
             jnp.all(done), lambda st: (x, st), lambda st: full_step(x, t, t_next, solver, st), state
         )
         x_kept = _step(_field(lp_s, cb_s, n, dtype), x, t, t_next, solver)
-        return jnp.where(done[:, None], x_kept, x_full), done, lp_s, cb_s, at
+        return jnp.where(done[:, None], x_kept, x_full), done, lp_s, cb_s, at, fails
 
     carry = (x, jnp.zeros((n,), bool), jnp.zeros((n, k), dtype), jnp.zeros((n, k, d), dtype),
-             jnp.full((n,), len(ts) - 1, jnp.int32))
+             jnp.full((n,), len(ts) - 1, jnp.int32), jnp.zeros((n,), jnp.int32))
     carry = jax.lax.fori_loop(0, n_loop, lambda i, c: step(i, c, s.solver), carry)
     if last_is_euler:
         carry = step(len(ts) - 2, carry, "euler")
-    return carry[0], carry[-1]
+    return carry[0], carry[-2]
 
 
-def _checked_grid(s: FlowSettings, dtype=np.float32) -> np.ndarray:
-    """The time grid of `s`, after checking its solver and pruning (static, at trace time)."""
+def settings_grid(s: FlowSettings, dtype=np.float32) -> np.ndarray:
+    """The time grid `s` integrates over (static numpy), after checking its solver and pruning."""
     if s.solver not in SOLVERS:
         raise ValueError(f"unknown solver {s.solver!r}; expected one of {SOLVERS}")
     if s.prune_t is not None and not (s.prune_k >= 1 and 0.0 < s.prune_tol < 1.0):
         raise ValueError(f"need prune_k >= 1 and 0 < prune_tol < 1, got {s.prune_k}, {s.prune_tol}")
-    return time_grid(s.num_steps, s.t_min, s.schedule, dtype)
+    return time_grid(s.num_steps, s.t_min, s.schedule, dtype, early_steps=s.early_steps,
+                     early_t=s.early_t)
 
 
 def _integrate_rows(
@@ -364,7 +402,7 @@ def integrate(
       [..., d], x(t_min).
     """
     s = dataclasses.replace(settings, **overrides) if overrides else settings
-    ts = _checked_grid(s, np.dtype(dtype).type)
+    ts = settings_grid(s, np.dtype(dtype).type)
     x, log_p, codebook, lead = _rows(noise, log_p, codebook, dtype)
     run = lambda x, lp: _integrate_rows(x, lp, codebook, ts, s)[0]
     return _run_rows(run, s.chunk, x, log_p).reshape(lead + x.shape[-1:])
@@ -374,7 +412,7 @@ def pruned_at(
     noise: Array, log_p: Array, codebook: Array, settings: FlowSettings = FlowSettings()
 ) -> Array:
     """The grid step at which each row was pruned, int32 [...] (num_steps: never pruned)."""
-    ts = _checked_grid(settings)
+    ts = settings_grid(settings)
     x, log_p, codebook, lead = _rows(noise, log_p, codebook, jnp.float32)
     run = lambda x, lp: _integrate_rows(x, lp, codebook, ts, settings)[1]
     return _run_rows(run, settings.chunk, x, log_p).reshape(lead)
@@ -423,7 +461,7 @@ def map_token(
     (integration and snapping both run in blocks of settings.chunk rows). dtype: compute dtype
     (float64 needs jax.enable_x64).
     """
-    ts = _checked_grid(settings, np.dtype(dtype).type)
+    ts = settings_grid(settings, np.dtype(dtype).type)
     x, log_p, codebook, lead = _rows(noise, log_p, codebook, dtype)
 
     def run(x: Array, lp: Array) -> Array:

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ddjax.app.build import build_teacher  # noqa: E402
 from ddjax.configs_path import load_config  # noqa: E402
 from ddjax.mapper.check import REFERENCE, reference_tokens  # noqa: E402
-from ddjax.mapper.flow import FlowSettings, map_token, pruned_at, time_grid  # noqa: E402
+from ddjax.mapper.flow import FlowSettings, map_token, pruned_at, settings_grid  # noqa: E402
 from ddjax.teacher.var.sampling import filter_top_k_top_p  # noqa: E402
 
 K, D = 16384, 8
@@ -59,8 +59,8 @@ COST_TOKENS = 1024
 REFERENCE_CHECK = dataclasses.replace(REFERENCE, num_steps=256)
 DEFAULT = FlowSettings()
 # Every candidate is spelled out from this base, whatever FlowSettings' defaults are.
-BASE = FlowSettings(solver="rk4", t_min=1e-3, support_k=None, prune_t=None, prune_k=512,
-                    prune_tol=1e-6, chunk=DEFAULT.chunk)
+BASE = FlowSettings(solver="rk4", t_min=1e-3, early_steps=None, support_k=None, prune_t=None,
+                    prune_k=512, prune_tol=1e-6, chunk=DEFAULT.chunk)
 
 
 def codebook(name: str, seed: int = 0) -> np.ndarray:
@@ -121,16 +121,20 @@ def cached_references(
     return ref, check
 
 
-def candidates(quick: bool) -> list[FlowSettings]:
+def candidates(quick: bool, early: bool = False) -> list[FlowSettings]:
     def rk4(steps: int, schedule: str = "cubic", **kw) -> FlowSettings:
         return dataclasses.replace(BASE, num_steps=steps, schedule=schedule, **kw)
 
+    if early:  # the pruned default against its grid with fewer early steps (configs/llamagen.py: 10)
+        return [rk4(32, prune_t=0.1)] + [rk4(32, early_steps=n, prune_t=0.1) for n in (8, 10, 12)]
     if quick:
-        return [rk4(20, "quadratic"), DEFAULT]
+        return [rk4(20, "quadratic"), rk4(32, prune_t=0.1), DEFAULT]
     out = [rk4(20, "quadratic"), rk4(32, "quadratic"), rk4(24), rk4(28), rk4(32), rk4(40),
            rk4(32, "log"), dataclasses.replace(BASE, solver="heun", num_steps=64)]
     out += [rk4(20, "quadratic", prune_t=0.1, prune_k=64), rk4(32, prune_t=0.1, prune_k=64),
             rk4(28, prune_t=0.1), rk4(32, prune_t=0.1), rk4(32, prune_t=0.2), rk4(40, prune_t=0.1)]
+    out += [rk4(32, early_steps=n) for n in (8, 10, 12)]
+    out += [rk4(32, early_steps=n, prune_t=0.1) for n in (8, 10, 12)]
     if DEFAULT not in out:
         out.append(DEFAULT)
     return out
@@ -151,20 +155,23 @@ def cost(s: FlowSettings, noise, log_p, cb) -> tuple[float, float]:
     steps from the first time <= prune_t on also evaluates the bound (about 2 K-wide passes).
     Measured on the first COST_TOKENS tokens (pruned_at integrates again)."""
     per_step = {"euler": 1, "heun": 2, "rk4": 4}[s.solver]
+    ts = settings_grid(s)
+    steps = len(ts) - 1
     if s.prune_t is None or s.prune_k >= cb.shape[0]:  # pruning off (or nothing to drop)
-        return float(s.num_steps * per_step), 0.0
+        return float(steps * per_step), 0.0
     at = np.asarray(jax.jit(lambda e, lp, c: pruned_at(e, lp, c, s))(noise, log_p, cb))
     chunk = s.chunk or len(at)
     pad = -len(at) % chunk
     full = np.concatenate([at, np.full(pad, at.min())]).reshape(-1, chunk).max(axis=1)
-    ts = time_grid(s.num_steps, s.t_min, s.schedule)
     first = int(np.argmax(ts[:-1] <= s.prune_t))
-    attempts = np.minimum(full, s.num_steps - 1) - first + 1
+    attempts = np.minimum(full, steps - 1) - first + 1
     return float(np.mean(full) * per_step), float(np.mean(attempts))
 
 
 def describe(s: FlowSettings) -> str:
     text = f"{s.solver} {s.num_steps} {s.schedule}"
+    if s.early_steps is not None:
+        text += f" early {s.early_steps} (t > {s.early_t:g}; {len(settings_grid(s)) - 1} steps)"
     if s.prune_t is not None:
         text += f", prune_t={s.prune_t:g} prune_k={s.prune_k} tol={s.prune_tol:g}"
     return text + (" **(default)**" if s == DEFAULT else "")
@@ -179,7 +186,9 @@ def main() -> None:
                         help=f"comma-separated; 'var' = {','.join(VAR_CODEBOOKS)} (use with "
                              "--distributions var,full)")
     parser.add_argument("--distributions", default=",".join(DISTRIBUTIONS))
-    parser.add_argument("--quick", action="store_true", help="two candidates only")
+    parser.add_argument("--quick", action="store_true", help="three candidates only")
+    parser.add_argument("--early", action="store_true",
+                        help="only the pruned RK4-32 cubic grid with and without early steps")
     parser.add_argument("--reference-cache", default="",
                         help="directory to keep the reference tokens in between runs")
     args = parser.parse_args()
@@ -201,7 +210,7 @@ def main() -> None:
                                            cb, n)
             print(f"[{case}] reference {time.perf_counter() - t0:.0f} s; vs 256 steps on {n} "
                   f"tokens: {100 * np.mean(check == ref[:n]):.2f}%", flush=True)
-            for s in candidates(args.quick):
+            for s in candidates(args.quick, args.early):
                 ids, sec = run(s, noise, log_p, cb)
                 m = min(COST_TOKENS, len(noise))
                 wide, bounds = cost(s, noise[:m], log_p[:m], cb)
