@@ -7,9 +7,10 @@ sampling in the same compiled loop (target: <= 15%), measured in one run.
 
 All paths run `ddjax.teacher.llamagen.sampling.sample` with the same teacher, batch and settings;
 the map replaces the multinomial draw by the one-token flow map and reads the noise. Two flow
-settings are timed: configs/llamagen.py's (the released checkpoints' flow block: early_steps
-10) and FlowSettings()' plain cubic grid. Random weights; K = 16384 codes of dimension 8
-(L2-normalised, as LlamaGen's VQ). Each variant's tokens are compared with the plain grid's.
+settings are timed: configs/llamagen.py's flow block (the released checkpoints' settings;
+`--flow` overrides fields of it) and the opt-in early_steps=10 grid (FlowSettings.early_steps),
+whose tokens are compared with the config's. Random weights; K = 16384 codes of dimension 8
+(L2-normalised, as LlamaGen's VQ).
 """
 
 from __future__ import annotations
@@ -83,14 +84,14 @@ def main(argv=None):
     flows = {
         "flow map (configs/llamagen.py)": dataclasses.replace(
             FlowSettings(**dict(load_config("llamagen", "B").flow)), **chunk, **parse_overrides(args.flow)),
-        "flow map (FlowSettings())": dataclasses.replace(FlowSettings(), **chunk),
+        "flow map (early_steps=10)": dataclasses.replace(FlowSettings(), early_steps=10, **chunk),
     }
     print_environment({**{f"flow: {k}": f for k, f in flows.items()}, "tokens": tokens, "batch": b})
     fns = {"ancestral": lambda: sample(params, cfg, labels, jax.random.PRNGKey(0), s, num_tokens=tokens)}
     for name, f in flows.items():
         fns[name] = lambda f=f: map_noise_to_tokens(teacher, noise, labels, s, f)
     times = interleaved(fns, warmup=1, repeats=args.repeats)
-    plain = np.asarray(fns["flow map (FlowSettings())"]())
+    plain = np.asarray(fns["flow map (configs/llamagen.py)"]())
     base = times["ancestral"].median
     rows = []
     for k, t in times.items():
@@ -98,7 +99,7 @@ def main(argv=None):
         rows.append({"path": k, "s / call": t.median, "min s": t.min,
                      "pairs/s": b / t.median * tokens / cfg.block_size,
                      "tokens/s": b * tokens / t.median, "overhead %": 100 * (t.median / base - 1),
-                     "tokens = plain grid's %": equal})
+                     "tokens = config's %": equal})
     print(table(rows))
     overhead = times["flow map (configs/llamagen.py)"].median / base - 1
     print(f"# flow map overhead over ancestral sampling (configs/llamagen.py's flow): "

@@ -53,11 +53,6 @@ VAR_DIGITS_SAMPLING = {"cfg": 1.0, "top_k": 0, "top_p": 0.0, "greedy": False}
 FLOW_DEFAULTS = {"solver": "rk4", "num_steps": 32, "t_min": 1e-3, "schedule": "cubic",
                  "early_steps": _none(int), "early_t": 0.1, "support_k": _none(int), "prune_t": 0.1,
                  "prune_k": 512, "prune_tol": 1e-6, "chunk": 8}
-# LlamaGen's released checkpoints: 10 early steps (10 + 14 instead of 32, 30% fewer full-width
-# evaluations). Measured on L2-normalised codebooks like LlamaGen's VQ (random, clustered,
-# digits: >= 99.93% agreement, experiments/flow_solver/README.md); not on codes with norms
-# beyond the noise's (VAR-like var-s1: 99.27%), so FlowSettings' own default keeps the plain grid.
-LLAMAGEN_FLOW = {"early_steps": 10}
 
 
 def parse_arg(arg: str | None, lazy: bool = False, **spec: Any) -> dict[str, Any]:

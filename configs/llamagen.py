@@ -157,7 +157,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.teacher.checkpoint = os.path.join(a["ckpt_dir"], ckpt)
         c.vq.checkpoint = os.path.join(a["ckpt_dir"], "vq_ds16_c2i.pt")
         c.vq.image_size = image_size
-        c.flow.update(common.LLAMAGEN_FLOW)  # the L2-normalised VQ-16 codebook (measured)
         c.teacher.model.block_size = (image_size // 16) ** 2
         c.dd.split_t = split_t
     else:

@@ -102,10 +102,13 @@ def test_digits_blocks_agree_with_the_shipped_meta_json():
 
 
 def test_flow_defaults_are_flow_settings_defaults():
-    assert dict(llamagen.get_config("tiny").flow) == dataclasses.asdict(FlowSettings())
-    # the released LlamaGen checkpoints add the early steps measured for their codebooks
-    assert dict(llamagen.get_config("B").flow) == dataclasses.asdict(FlowSettings(early_steps=10))
-    assert llamagen.get_config("digits").flow.early_steps is None
+    assert dict(llamagen.get_config("B").flow) == dataclasses.asdict(FlowSettings())
+    # each config gets its own flow block: a value set on one never reaches another
+    first = llamagen.get_config("B")
+    first.flow.early_steps = 10
+    first.flow.support_k = 512
+    again = llamagen.get_config("B")
+    assert again.flow.early_steps is None and again.flow.support_k is None
 
 
 @pytest.mark.parametrize("name", ["llamagen.py", "llamagen_t2i.py", "digits.py", "var.py", "common.py"])
