@@ -61,7 +61,7 @@ class FlowSettings:
       (`time_grid`; the grid is `settings_grid(settings)`). None (default): the schedule as it
       is. 10 with the cubic 32-step schedule (10 + 14 steps, 43 instead of 75 full-width
       evaluations per token) is opt-in: it keeps >= 99.9% agreement with the reference on
-      random and the digits codebooks but measured 99.80-99.85% on the clustered one and 99.27%
+      random and the digits codebooks but measured 99.80-99.85% on the clustered one and 99.22-99.37%
       on codes with norms beyond the noise's (experiments/flow_solver/README.md).
     early_t: where the early part of the grid ends (with early_steps).
     support_k: if set, keep only the `support_k` most probable codes of each row (by log_p).

@@ -125,7 +125,7 @@ def candidates(quick: bool, early: bool = False) -> list[FlowSettings]:
     def rk4(steps: int, schedule: str = "cubic", **kw) -> FlowSettings:
         return dataclasses.replace(BASE, num_steps=steps, schedule=schedule, **kw)
 
-    if early:  # the pruned default against its grid with fewer early steps (configs/llamagen.py: 10)
+    if early:  # the pruned default against its grid with fewer early steps (opt-in: no preset sets it)
         return [rk4(32, prune_t=0.1)] + [rk4(32, early_steps=n, prune_t=0.1) for n in (8, 10, 12)]
     if quick:
         return [rk4(20, "quadratic"), rk4(32, prune_t=0.1), DEFAULT]
