@@ -53,8 +53,9 @@ def main(argv=None) -> None:
     print_environment({"flow": s, "rows": n, "codes": k})
     reps = args.repeats
 
-    def body(i, acc):  # the carry feeds the noise so that XLA cannot hoist the map out
-        return acc + map_token(noise + 0.0 * acc[:, None].astype(noise.dtype), log_p, code, s).sum()
+    def body(i, acc):  # the carry feeds the noise and log p so that XLA cannot hoist any of it
+        zero = 0.0 * acc[:, None].astype(noise.dtype)
+        return acc + map_token(noise + zero, log_p + zero, code, s).sum()
 
     fn = jax.jit(lambda: jax.lax.fori_loop(0, reps, body, jnp.zeros(n, jnp.int32)))
     compiled = fn.lower().compile()

@@ -3,6 +3,8 @@
     python benchmarks/micro.py topk            # kth_largest vs lax.top_k threshold, [8|32, 16384]
     python benchmarks/micro.py kv-layout       # KV-cache update + decode attention: [B,S,H,D] vs [B,H,S,D]
     python benchmarks/micro.py bf16-matmul     # [rows, 768] x [768, 16384] in f32 / bf16 / bf16->f32
+    python benchmarks/micro.py flow-support    # the flow's support compaction and velocity layouts
+    python benchmarks/micro.py concurrency     # do two independent XLA:CPU fusions share the cores?
     python benchmarks/micro.py all --small     # every one at toy sizes (a smoke run)
 
 topk: the top-k threshold the sampler needs per token, `sampling.kth_largest(x, k)` against
@@ -17,6 +19,14 @@ key/value row into a cache of --cache rows, then attend from one query per row o
 
 bf16-matmul: the logits head's shape; f32 x f32, bf16 x bf16 -> bf16, and bf16 inputs with
 `preferred_element_type=float32` (f32 accumulation and output).
+
+flow-support: rows of log p = top-k (half) of 16384; `codes.compact` (running count + scatter)
+against gathering `lax.top_k`'s indices, then --steps velocity evaluations over all codes, over
+the compacted per-row codes in ddjax's [N, d, S] layout and in [N, S, d] (velocities checked
+equal to 1e-5 first).
+
+concurrency: one elementwise-and-reduce fusion over [8, 2^20] against two independent ones in
+one program: a ratio near 2 means XLA:CPU runs them one after the other on one core.
 
 Every comparison interleaves its candidates' calls (benchmarks/_common.py), median of --repeats.
 """
@@ -135,7 +145,74 @@ def bench_bf16_matmul(args) -> list[dict]:
     return rows
 
 
-BENCHES = {"topk": bench_topk, "kv-layout": bench_kv_layout, "bf16-matmul": bench_bf16_matmul}
+def _velocity_loop(steps: int):
+    """steps velocity evaluations of the flow map at t = 0.5 (x moves, so nothing is hoisted)."""
+    from ddjax.mapper.codes import sq_norms
+    from ddjax.mapper.flow import _velocity
+
+    def run(x, log_p, codebook, c2):
+        t = jnp.full((x.shape[0], 1), 0.5, x.dtype)
+        return jax.lax.fori_loop(0, steps, lambda i, x: x + 1e-3 * _velocity(x, t, log_p, codebook, c2), x)
+
+    return jax.jit(run), sq_norms
+
+
+def bench_flow_support(args) -> list[dict]:
+    from ddjax.mapper.codes import compact, gather
+
+    n, k, d = 8, (512 if args.small else 16384), 8
+    s = k // 2
+    logits = jax.random.normal(jax.random.PRNGKey(0), (n, k))
+    log_p = jnp.where(logits >= kth_largest(logits, s), logits, -jnp.inf)
+    code = jax.random.normal(jax.random.PRNGKey(1), (k, d))
+    code = code / jnp.linalg.norm(code, axis=1, keepdims=True)
+    x = jax.random.normal(jax.random.PRNGKey(2), (n, d))
+    sel = {"compact": jax.jit(lambda lp: compact(lp, code, s)[:2]),
+           "lax.top_k + gather": jax.jit(lambda lp: gather(lp, code, jax.lax.top_k(lp, s)[1]))}
+    t = interleaved({m: (lambda f=f: f(log_p)) for m, f in sel.items()}, warmup=1, repeats=args.repeats)
+    rows = [{"what": f"select {s} of {k} codes, {n} rows", "candidate": m, "ms": 1e3 * t[m].median}
+            for m in sel]
+    run, sq_norms = _velocity_loop(args.steps)
+    lp_c, cb_c = sel["compact"](log_p)
+    cb_sd = jnp.swapaxes(cb_c, 1, 2)
+
+    def loop_sd(x, lp, cb):  # the same evaluation with per-row codes [N, S, d]
+        t = jnp.full((n, 1), 0.5)
+        c2 = jnp.sum(cb * cb, axis=-1)
+
+        def v(x):
+            lg = lp + (jnp.einsum("nd,nsd->ns", x, cb) - 0.25 * c2) / 0.5
+            e = jnp.exp(lg - jnp.max(lg, axis=-1, keepdims=True))
+            return (x - jnp.einsum("ns,nsd->nd", e, cb) / jnp.sum(e, -1, keepdims=True)) / t
+        return jax.lax.fori_loop(0, args.steps, lambda i, x: x + 1e-3 * v(x), x)
+
+    loop_sd = jax.jit(loop_sd)
+    evals = {"all codes [K, d]": lambda: run(x, log_p, code, sq_norms(code)),
+             "compacted [N, d, S]": lambda: run(x, lp_c, cb_c, sq_norms(cb_c)),
+             "compacted [N, S, d]": lambda: loop_sd(x, lp_c, cb_sd)}
+    ref = np.asarray(evals["all codes [K, d]"]())
+    for m, f in evals.items():
+        np.testing.assert_allclose(np.asarray(f()), ref, atol=1e-5, err_msg=m)
+    t = interleaved(evals, warmup=1, repeats=args.repeats)
+    rows += [{"what": f"one velocity evaluation, {n} rows", "candidate": m,
+              "ms": 1e3 * t[m].median / args.steps} for m in evals]
+    return rows
+
+
+def bench_concurrency(args) -> list[dict]:
+    size = 1 << (12 if args.small else 20)
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (8, size)) for i in (0, 1))
+    chain = lambda x: jnp.sum(jnp.exp(jnp.sin(x) * 0.5), axis=-1)
+    fns = {"one": jax.jit(chain), "two": jax.jit(lambda a, b: (chain(a), chain(b)))}
+    t = interleaved({"one": lambda: fns["one"](a), "two": lambda: fns["two"](a, b)}, warmup=1,
+                    repeats=args.repeats)
+    return [{"elements per chain": 8 * size, "one ms": 1e3 * t["one"].median,
+             "two ms": 1e3 * t["two"].median, "two / one": t["two"].median / t["one"].median,
+             "cores": os.cpu_count()}]
+
+
+BENCHES = {"topk": bench_topk, "kv-layout": bench_kv_layout, "bf16-matmul": bench_bf16_matmul,
+           "flow-support": bench_flow_support, "concurrency": bench_concurrency}
 
 
 def main(argv=None) -> None:
@@ -145,7 +222,8 @@ def main(argv=None) -> None:
     p.add_argument("--small", action="store_true", help="toy sizes: a smoke run")
     p.add_argument("--rows", type=int, default=64, help="kv-layout: batch rows (CFG included)")
     p.add_argument("--cache", type=int, default=257, help="kv-layout: cache rows")
-    p.add_argument("--steps", type=int, default=16, help="kv-layout: decoding steps per call")
+    p.add_argument("--steps", type=int, default=16,
+                   help="kv-layout: decoding steps per call; flow-support: evaluations per call")
     args = p.parse_args(argv)
     print_environment({"benchmark": args.which, "small": args.small})
     for name in BENCHES if args.which == "all" else [args.which]:

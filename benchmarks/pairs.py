@@ -6,11 +6,12 @@ sampling in the same compiled loop (target: <= 15%), measured in one run.
     python benchmarks/pairs.py --small            # tiny model smoke run
 
 All paths run `ddjax.teacher.llamagen.sampling.sample` with the same teacher, batch and settings;
-the map replaces the multinomial draw by the one-token flow map and reads the noise. Two flow
-settings are timed: configs/llamagen.py's flow block (the released checkpoints' settings;
-`--flow` overrides fields of it) and the opt-in early_steps=10 grid (FlowSettings.early_steps),
-whose tokens are compared with the config's. Random weights; K = 16384 codes of dimension 8
-(L2-normalised, as LlamaGen's VQ).
+the map replaces the multinomial draw by the one-token flow map and reads the noise. Three flow
+settings are timed: configs/llamagen.py's flow block (the released checkpoints' settings, which
+integrate over each row's top-k codes only: support_k = top_k; `--flow` overrides fields of it),
+the same over all K codes (support_k=None, the same map) and the opt-in early_steps=10 grid
+(FlowSettings.early_steps); their tokens are compared with the config's. Random weights;
+K = 16384 codes of dimension 8 (L2-normalised, as LlamaGen's VQ).
 """
 
 from __future__ import annotations
@@ -81,11 +82,12 @@ def main(argv=None):
     s = SamplingSettings(cfg_scale=2.0, top_k=min(args.top_k, cfg.vocab_size))
     # A chunk larger than the batch maps padding rows; results depend on the chunk, not the batch.
     chunk = {"chunk": args.chunk} if args.chunk else {}
-    flows = {
-        "flow map (configs/llamagen.py)": dataclasses.replace(
-            FlowSettings(**dict(load_config("llamagen", "B").flow)), **chunk, **parse_overrides(args.flow)),
-        "flow map (early_steps=10)": dataclasses.replace(FlowSettings(), early_steps=10, **chunk),
-    }
+    base = dataclasses.replace(FlowSettings(**dict(load_config("llamagen", "B").flow)), **chunk,
+                               **parse_overrides(args.flow))
+    flows = {"flow map (configs/llamagen.py)": base}
+    if base.support_k is not None:
+        flows["flow map (support_k=None)"] = dataclasses.replace(base, support_k=None)
+    flows["flow map (early_steps=10)"] = dataclasses.replace(base, early_steps=10)
     print_environment({**{f"flow: {k}": f for k, f in flows.items()}, "tokens": tokens, "batch": b})
     fns = {"ancestral": lambda: sample(params, cfg, labels, jax.random.PRNGKey(0), s, num_tokens=tokens)}
     for name, f in flows.items():

@@ -159,6 +159,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.vq.image_size = image_size
         c.teacher.model.block_size = (image_size // 16) ** 2
         c.dd.split_t = split_t
+        # The flow integrates over each row's top-k codes only (exact; FlowSettings.support_k).
+        c.flow.support_k = c.sampling.top_k
     else:
         raise ValueError(f"unknown preset {preset!r}; choose 'digits', 'tiny' or one of {sorted(PRESETS)}")
     return c

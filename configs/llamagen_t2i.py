@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.vq.update(checkpoint=os.path.join(a["ckpt_dir"], "vq_ds16_t2i.pt"), image_size=image_size)
         # LlamaGen's sample_t2i defaults: cfg 7.5, top-k 1000, top-p 1.0.
         c.sampling.update(cfg_scale=7.5, top_k=1000, top_p=1.0, temperature=1.0)
+        c.flow.support_k = c.sampling.top_k  # the flow over each row's top-k codes (exact)
     else:
         raise ValueError(f"unknown preset {preset!r}; choose digits, tiny, {', '.join(PRESETS)}")
     c.method = "dd1"  # DD2 is class-conditional only for now

@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                     teacher_split_t=t1 if depth != 16 else 55)
         c.train.t_list = (0, t1)
         c.sampling.top_p = 0.95  # DD's teacher settings (VAR's FID setting is 0.96)
+        c.flow.support_k = c.sampling.top_k  # the flow over each row's top-k codes (exact)
     elif preset == "tiny":
         tiny_pn = (1, 2, 4)
         c.teacher.update(depth=2, variant="tiny", random_init=True)

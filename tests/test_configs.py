@@ -102,13 +102,17 @@ def test_digits_blocks_agree_with_the_shipped_meta_json():
 
 
 def test_flow_defaults_are_flow_settings_defaults():
-    assert dict(llamagen.get_config("B").flow) == dataclasses.asdict(FlowSettings())
+    # the released presets integrate over the sampler's top-k support only (exact)
+    released = dict(llamagen.get_config("B").flow)
+    assert released == dataclasses.asdict(FlowSettings(support_k=8000))
+    assert dict(llamagen.get_config("digits").flow) == dataclasses.asdict(FlowSettings())
     # each config gets its own flow block: a value set on one never reaches another
     first = llamagen.get_config("B")
     first.flow.early_steps = 10
     first.flow.support_k = 512
     again = llamagen.get_config("B")
-    assert again.flow.early_steps is None and again.flow.support_k is None
+    assert again.flow.early_steps is None and again.flow.support_k == 8000
+    assert llamagen.get_config("digits").flow.support_k is None
 
 
 @pytest.mark.parametrize("name", ["llamagen.py", "llamagen_t2i.py", "digits.py", "var.py", "common.py"])

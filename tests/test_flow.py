@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
-from ddjax.mapper import check, flow, prune
+from ddjax.mapper import check, codes, flow, prune
 
 
 def unit_codebook(rng: np.random.Generator, k: int, d: int = 8) -> np.ndarray:
@@ -230,7 +231,25 @@ def test_batch_independence_and_jit():
     np.testing.assert_array_equal(flow.map_token(noise, log_p, c, settings), ids)
 
 
-def test_support_pruning_is_exact_under_top_k():
+def test_compact_keeps_each_rows_finite_codes_in_order():
+    rng = np.random.default_rng(12)
+    c = rng.normal(size=(50, 3)).astype(np.float32)
+    log_p = rng.normal(size=(4, 50)).astype(np.float32)
+    keep = rng.random((4, 50)) < np.array([[0.3], [0.1], [0.0], [0.9]])
+    keep[2, 7] = True  # a single finite code
+    log_p = np.where(keep, log_p, -np.inf).astype(np.float32)
+    lp, cb, fits = codes.compact(jnp.asarray(log_p), jnp.asarray(c), 20)
+    chex.assert_shape((lp, cb, fits), ((4, 20), (4, 3, 20), (4,)))
+    for r in range(4):
+        ids = np.nonzero(keep[r])[0]
+        np.testing.assert_array_equal(fits[r], len(ids) <= 20)
+        m = min(len(ids), 20)
+        np.testing.assert_array_equal(lp[r, :m], log_p[r, ids[:m]])
+        np.testing.assert_array_equal(cb[r, :, :m], c[ids[:m]].T)
+        assert np.all(np.isneginf(lp[r, m:]))
+
+
+def test_support_compaction_is_exact_under_top_k():
     rng = np.random.default_rng(10)
     k, n = 4096, 2000
     c = unit_codebook(rng, k)
@@ -239,8 +258,29 @@ def test_support_pruning_is_exact_under_top_k():
     log_p = log_softmax(np.where(logits >= kth, logits, -np.inf)).astype(np.float32)
     noise = rng.normal(size=(n, 8)).astype(np.float32)
     full = flow.map_token(noise, log_p, c, flow.FlowSettings(support_k=None))
-    pruned = flow.map_token(noise, log_p, c, flow.FlowSettings(support_k=512))
-    np.testing.assert_array_equal(pruned, full)
+    compacted = flow.map_token(noise, log_p, c, flow.FlowSettings(support_k=512))
+    np.testing.assert_array_equal(compacted, full)
+
+
+def test_support_compaction_falls_back_to_all_codes_row_by_row():
+    # Rows with more finite codes than support_k (full p, top-k 1000 > 256) take the full-width
+    # map; the rows that fit get the same result whether or not their block has such a row.
+    rng = np.random.default_rng(13)
+    k, n = 2048, 64
+    c = unit_codebook(rng, k)
+    logits = 2 * rng.normal(size=(n, k))
+    top = np.sort(logits, axis=-1)[:, ::-1]
+    kth = np.where(np.arange(n) % 3 == 0, top[:, 999], np.where(np.arange(n) % 3 == 1, top[:, 99], -np.inf))
+    log_p = log_softmax(np.where(logits >= kth[:, None], logits, -np.inf)).astype(np.float32)
+    noise = rng.normal(size=(n, 8)).astype(np.float32)
+    s = flow.FlowSettings(support_k=256, chunk=8)
+    full = flow.map_token(noise, log_p, c, dataclasses.replace(s, support_k=None))
+    mixed = np.asarray(flow.map_token(noise, log_p, c, s))
+    np.testing.assert_array_equal(mixed, full)
+    fit = np.arange(n) % 3 == 1  # top-100 rows only: no block needs the fallback
+    alone = flow.integrate(noise[fit], log_p[fit], c, s)
+    together = flow.integrate(noise, log_p, c, s)[fit]
+    np.testing.assert_array_equal(alone, together)
 
 
 # --- pruning: exact up to integration error ------------------------------------------------------

@@ -1,7 +1,8 @@
 """Row-wise linear algebra between points and codes, shared by the flow map and its pruning bound.
 
-A codebook is either shared, [K, d], or one per row, [N, S, d] (the codes a row kept after
-support or late pruning). Nothing here reduces across rows.
+A codebook is either shared, [K, d], or one per row, [N, d, S] (the codes a row kept after
+support compaction or late pruning; code-minor, so the K-wide passes of the flow's velocity
+run along contiguous memory). Nothing here reduces across rows.
 """
 
 from __future__ import annotations
@@ -13,31 +14,63 @@ Array = jax.Array
 
 
 def dots(x: Array, codebook: Array) -> Array:
-    """x . c_k for every row: [N, d] with [K, d] or [N, S, d] -> [N, K] (or [N, S])."""
+    """x . c_k for every row: [N, d] with [K, d] or [N, d, S] -> [N, K] (or [N, S])."""
     if codebook.ndim == 2:
         return x @ codebook.T
-    return jnp.einsum("nd,nsd->ns", x, codebook)
+    return jnp.einsum("nd,nds->ns", x, codebook)
 
 
 def mix(w: Array, codebook: Array) -> Array:
-    """sum_k w_k c_k for every row: [N, K] with [K, d] or [N, S, d] -> [N, d]."""
+    """sum_k w_k c_k for every row: [N, K] with [K, d] or [N, d, S] -> [N, d]."""
     if codebook.ndim == 2:
         return w @ codebook
-    return jnp.einsum("ns,nsd->nd", w, codebook)
+    return jnp.einsum("ns,nds->nd", w, codebook)
 
 
 def sq_norms(codebook: Array) -> Array:
     """|c_k|^2 broadcastable against [N, K]: [1, K] or [N, S]."""
-    c2 = jnp.sum(codebook * codebook, axis=-1)
-    return c2[None, :] if codebook.ndim == 2 else c2
+    if codebook.ndim == 2:
+        return jnp.sum(codebook * codebook, axis=-1)[None, :]
+    return jnp.sum(codebook * codebook, axis=1)
 
 
 def gather(log_p: Array, codebook: Array, idx: Array) -> tuple[Array, Array]:
-    """Keeps the codes idx [N, S] of each row: log_p [N, S] and per-row codebooks [N, S, d]."""
+    """Keeps the codes idx [N, S] of each row: log_p [N, S] and per-row codebooks [N, d, S]."""
     lp = jnp.take_along_axis(log_p, idx, axis=1)
     if codebook.ndim == 2:
-        return lp, jnp.take(codebook, idx, axis=0)
-    return lp, jnp.take_along_axis(codebook, idx[..., None], axis=1)
+        return lp, jnp.swapaxes(jnp.take(codebook, idx, axis=0), 1, 2)
+    return lp, jnp.take_along_axis(codebook, idx[:, None, :], axis=2)
+
+
+def code(codebook: Array, idx: Array) -> Array:
+    """The code idx [N] of each row, [N, d] (shared [K, d] or per-row [N, d, S] codebook)."""
+    if codebook.ndim == 2:
+        return jnp.take(codebook, idx, axis=0)
+    return jnp.take_along_axis(codebook, idx[:, None, None], axis=2)[:, :, 0]
+
+
+def compact(log_p: Array, codebook: Array, size: int) -> tuple[Array, Array, Array]:
+    """Each row's codes with a finite log p, in index order, padded with removed codes.
+
+    Args:
+      log_p: [N, K] (-inf = removed code); codebook: [K, d]; size: S, the codes kept per row.
+    Returns:
+      log_p [N, S] (-inf past the row's finite codes), per-row codebooks [N, d, S] (padding
+      slots hold code 0) and fits [N] bool: the row has at most S finite codes. A row that does
+      not fit keeps only its first S finite codes (by index), so its result must not be used.
+    """
+    finite = log_p > -jnp.inf
+    count = jnp.sum(finite, axis=-1, dtype=jnp.int32)
+    # The j-th finite code goes to slot j: a scatter of the code indices by a running count
+    # (a sort or top-k over K would cost several times more on CPU).
+    slot = jnp.cumsum(finite, axis=-1, dtype=jnp.int32) - 1
+    slot = jnp.where(finite, slot, size)  # removed codes go past the end and are dropped
+    rows = jnp.arange(log_p.shape[0], dtype=jnp.int32)[:, None]
+    ids = jnp.broadcast_to(jnp.arange(log_p.shape[1], dtype=jnp.int32), log_p.shape)
+    idx = jnp.zeros((log_p.shape[0], size), jnp.int32).at[rows, slot].set(ids, mode="drop")
+    lp, cb = gather(log_p, codebook, idx)
+    lp = jnp.where(jnp.arange(size)[None, :] < count[:, None], lp, -jnp.inf)
+    return lp, cb, count <= size
 
 
 def column(t: Array | float, n: int, dtype=jnp.float32) -> Array:

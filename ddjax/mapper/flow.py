@@ -9,6 +9,10 @@ the velocity is v(x, t) = sum_k w_k (x - c_k) / t = (x - w @ C) / t. Integrating
 t = 1 down to t_min and snapping to the nearest code gives a deterministic map eps -> token that
 pushes N(0, I) forward to p.
 
+Support compaction (`FlowSettings.support_k`) integrates each row over its codes with a finite
+log p only (`codes.compact`: top-k sampling removes half of LlamaGen's codes), which is the same
+flow; a row with more finite codes than `support_k` slots is integrated over all codes.
+
 Late pruning (`FlowSettings.prune_t`) finishes a row's integration on a few codes only when a
 bound (`ddjax.mapper.prune`, derivation in `prune_bound`'s docstring) proves that the codes it drops keep a
 posterior weight below `prune_tol` for the whole rest of the integration; rows the bound does not
@@ -37,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax.mapper.codes import column, dots, gather, logits_from_dots, mix, sq_norms
+from ddjax.mapper.codes import column, compact, dots, gather, logits_from_dots, mix, sq_norms
 from ddjax.mapper.prune import GROUP_AFTER, SMALL_KEEP, PruneBound, certify, keep
 
 Array = jax.Array
@@ -64,9 +68,11 @@ class FlowSettings:
       random and the digits codebooks but measured 99.80-99.85% on the clustered one and 99.22-99.37%
       on codes with norms beyond the noise's (experiments/flow_solver/README.md).
     early_t: where the early part of the grid ends (with early_steps).
-    support_k: if set, keep only the `support_k` most probable codes of each row (by log_p).
-      Exact when a row has at most `support_k` finite log-probabilities (top-k sampling with
-      top_k <= support_k); otherwise it drops the tail mass, i.e. it maps to top-k(p).
+    support_k: if set, each row integrates over its finite-log_p codes only, compacted into
+      `support_k` slots (`codes.compact`): the same flow, about K / support_k times less work
+      per evaluation under top-k sampling with top_k <= support_k. A row with more finite codes
+      than that is integrated over all K codes instead (for its block only when it occurs), so
+      the map is the same for every p. None: always all K codes.
     prune_t: if set, from the first grid time <= prune_t on, each row is tested at every grid
       time by `prune_bound`; once certified, the row finishes its integration on the (at most
       prune_k) codes the bound keeps. None: never prune.
@@ -264,13 +270,13 @@ def _solve_pruned(
     v_full = _field(log_p, codebook, n, dtype)
 
     def kept_codes(bound: PruneBound, new: Array) -> tuple[Array, Array]:
-        """log p [N, k] and codes [N, k, d] a row keeps: SMALL_KEEP of them (padded with
+        """log p [N, k] and codes [N, d, k] a row keeps: SMALL_KEEP of them (padded with
         removed codes) if it needs no more, else k; decided per row."""
         def take(size: int) -> tuple[Array, Array]:
             lp, cb = gather(log_p, codebook, keep(bound, size)[0])
             pad = k - size
             return (jnp.pad(lp, ((0, 0), (0, pad)), constant_values=-jnp.inf),
-                    jnp.pad(cb, ((0, 0), (0, pad), (0, 0))))
+                    jnp.pad(cb, ((0, 0), (0, 0), (0, pad))))
 
         if k <= SMALL_KEEP:
             return take(k)
@@ -308,7 +314,7 @@ def _solve_pruned(
         x_kept = _step(_field(lp_s, cb_s, n, dtype), x, t, t_next, solver)
         return jnp.where(done[:, None], x_kept, x_full), done, lp_s, cb_s, at, fails
 
-    carry = (x, jnp.zeros((n,), bool), jnp.zeros((n, k), dtype), jnp.zeros((n, k, d), dtype),
+    carry = (x, jnp.zeros((n,), bool), jnp.zeros((n, k), dtype), jnp.zeros((n, d, k), dtype),
              jnp.full((n,), len(ts) - 1, jnp.int32), jnp.zeros((n,), jnp.int32))
     carry = jax.lax.fori_loop(0, n_loop, lambda i, c: step(i, c, s.solver), carry)
     if last_is_euler:
@@ -333,10 +339,24 @@ def _integrate_rows(
 
     Returns (x at t_min [N, d], the step at which each row was pruned [N], num_steps: never).
     """
+    if s.support_k is None or s.support_k >= log_p.shape[-1]:
+        return _integrate_support(x, log_p, codebook, ts, s)
+    lp_c, cb_c, fits = compact(log_p, codebook, s.support_k)
+    # A row with more finite codes than support_k takes the full-width result. Each branch runs
+    # only when some row of the block needs it, and a row's result never depends on the others.
+    skip = lambda _: (x, jnp.zeros(x.shape[:1], jnp.int32))
+    x_c, at_c = jax.lax.cond(jnp.any(fits), lambda _: _integrate_support(x, lp_c, cb_c, ts, s),
+                             skip, None)
+    x_f, at_f = jax.lax.cond(jnp.all(fits), skip,
+                             lambda _: _integrate_support(x, log_p, codebook, ts, s), None)
+    return jnp.where(fits[:, None], x_c, x_f), jnp.where(fits, at_c, at_f)
+
+
+def _integrate_support(
+    x: Array, log_p: Array, codebook: Array, ts: np.ndarray, s: FlowSettings
+) -> tuple[Array, Array]:
+    """`_integrate_rows` over the given codes (shared [K, d] or per-row [N, d, S])."""
     never = jnp.full((x.shape[0],), len(ts) - 1, jnp.int32)
-    if s.support_k is not None and s.support_k < log_p.shape[-1]:
-        # top-k by log p: exact when the row has <= support_k finite entries.
-        log_p, codebook = gather(log_p, codebook, jax.lax.top_k(log_p, s.support_k)[1])
     below = np.nonzero(ts[:-1] <= s.prune_t)[0] if s.prune_t is not None else []
     if len(below) == 0 or s.prune_k >= log_p.shape[-1]:
         return _solve(x, log_p, codebook, ts, s.solver), never

@@ -112,6 +112,11 @@ def write_pairs(teacher: Teacher, directory: str, settings: PairSettings, sampli
     mesh: this process's local devices (each process maps its own shards).
     """
     settings.check(sharding.batch_size_per_step(mesh))
+    top_k = getattr(sampling, "top_k", 0)
+    if flow.support_k is not None and not 0 < top_k <= flow.support_k:
+        logging.warning("config.flow.support_k=%d with config.sampling.top_k=%d: rows with more "
+                        "finite codes than support_k are integrated over all codes after the "
+                        "compaction; set support_k to top_k, or to None", flow.support_k, top_k)
     spec = pair_spec(teacher, settings, sampling, flow)
     checks = read_checks(directory)
     recorded = checks.get("flow_check")

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ddjax.mapper.codes import column, dots, logits_from_dots, mix, sq_norms
+from ddjax.mapper.codes import code, column, dots, logits_from_dots, mix, sq_norms
 from ddjax.teacher.base import argmax
 
 Array = jax.Array
@@ -56,10 +56,7 @@ def _growth(beta: Array, gamma: Array, big_t: Array) -> Array:
 def _single_core(logits: Array, codebook: Array) -> _Core:
     """The top code alone."""
     top = argmax(logits)
-    if codebook.ndim == 2:
-        mean = jnp.take(codebook, top, axis=0)
-    else:
-        mean = jnp.take_along_axis(codebook, top[:, None, None], axis=1)[:, 0]
+    mean = code(codebook, top)
     mask = jnp.arange(logits.shape[-1])[None, :] == top[:, None]
     return _Core(mask, None, mean, jnp.max(logits, axis=-1, keepdims=True))
 
