@@ -5,6 +5,7 @@
     python benchmarks/micro.py bf16-matmul     # [rows, 768] x [768, 16384] in f32 / bf16 / bf16->f32
     python benchmarks/micro.py flow-support    # the flow's support compaction and velocity layouts
     python benchmarks/micro.py concurrency     # do two independent XLA:CPU fusions share the cores?
+    python benchmarks/micro.py decode-matmul   # the decoding matmul shape, XLA and (if installed) torch
     python benchmarks/micro.py all --small     # every one at toy sizes (a smoke run)
 
 topk: the top-k threshold the sampler needs per token, `sampling.kth_largest(x, k)` against
@@ -20,13 +21,17 @@ key/value row into a cache of --cache rows, then attend from one query per row o
 bf16-matmul: the logits head's shape; f32 x f32, bf16 x bf16 -> bf16, and bf16 inputs with
 `preferred_element_type=float32` (f32 accumulation and output).
 
-flow-support: rows of log p = top-k (half) of 16384; `codes.compact` (running count + scatter)
-against gathering `lax.top_k`'s indices, then --steps velocity evaluations over all codes, over
-the compacted per-row codes in ddjax's [N, d, S] layout and in [N, S, d] (velocities checked
-equal to 1e-5 first).
+flow-support: rows of log p = top-k (half) of 16384; `codes.compact` (running count + scatter;
+also with jnp.cumsum as the running count) against gathering `lax.top_k`'s indices, then
+--steps velocity evaluations over all codes, over the compacted per-row codes in ddjax's
+[N, d, S] layout and in [N, S, d] (velocities checked equal to 1e-5 first).
 
 concurrency: one elementwise-and-reduce fusion over [8, 2^20] against two independent ones in
 one program: a ratio near 2 means XLA:CPU runs them one after the other on one core.
+
+decode-matmul: GPT-B's feed-forward shape at batch 8 with CFG, [16, 768] x [768, 2048] and back,
+for 12 layers' distinct weights (75 MB in f32, more than the L3 cache) in a loop, in XLA and in
+PyTorch (torch.set_num_threads(2)): GFLOP/s and the weight bytes read per second.
 
 Every comparison interleaves its candidates' calls (benchmarks/_common.py), median of --repeats.
 """
@@ -34,8 +39,10 @@ Every comparison interleaves its candidates' calls (benchmarks/_common.py), medi
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -167,8 +174,16 @@ def bench_flow_support(args) -> list[dict]:
     code = jax.random.normal(jax.random.PRNGKey(1), (k, d))
     code = code / jnp.linalg.norm(code, axis=1, keepdims=True)
     x = jax.random.normal(jax.random.PRNGKey(2), (n, d))
+    from ddjax.mapper import codes
+
     sel = {"compact": jax.jit(lambda lp: compact(lp, code, s)[:2]),
            "lax.top_k + gather": jax.jit(lambda lp: gather(lp, code, jax.lax.top_k(lp, s)[1]))}
+    # the same compaction with XLA's cumsum as its running count (traced with it swapped in)
+    with mock.patch.object(codes, "running_count", lambda m: jnp.cumsum(m, axis=-1, dtype=jnp.int32)):
+        sel["compact, jnp.cumsum count"] = jax.jit(lambda lp: compact(lp, code, s)[:2]).lower(log_p).compile()
+    for m, f in sel.items():
+        if m.startswith("compact"):
+            np.testing.assert_array_equal(np.asarray(f(log_p)[1]), np.asarray(sel["compact"](log_p)[1]))
     t = interleaved({m: (lambda f=f: f(log_p)) for m, f in sel.items()}, warmup=1, repeats=args.repeats)
     rows = [{"what": f"select {s} of {k} codes, {n} rows", "candidate": m, "ms": 1e3 * t[m].median}
             for m in sel]
@@ -211,8 +226,49 @@ def bench_concurrency(args) -> list[dict]:
              "cores": os.cpu_count()}]
 
 
+def bench_decode_matmul(args) -> list[dict]:
+    rows, dim, hidden, layers, loops = 16, 768, 2048, 12, 10
+    if args.small:
+        dim, hidden, layers, loops = 64, 128, 2, 2
+    ws = [np.asarray(jax.random.normal(jax.random.PRNGKey(i), (dim, hidden)), np.float32) * 0.02
+          for i in range(layers)]
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(99), (rows, dim)), np.float32)
+
+    @jax.jit
+    def xla(x, ws):
+        def body(i, x):
+            for w in ws:
+                x = x + 1e-3 * (jnp.tanh(x @ w) @ w.T)
+            return x
+        return jax.lax.fori_loop(0, loops, body, x)
+
+    fns = {"XLA": functools.partial(xla, jnp.asarray(x), [jnp.asarray(w) for w in ws])}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(2)
+        tw, tx = [torch.from_numpy(w) for w in ws], torch.from_numpy(x)
+
+        def eager():
+            with torch.no_grad():
+                y = tx
+                for _ in range(loops):
+                    for w in tw:
+                        y = y + 1e-3 * (torch.tanh(y @ w) @ w.T)
+                return y.numpy()
+        fns["torch"] = eager
+    t = interleaved(fns, warmup=1, repeats=args.repeats)
+    n = loops * layers * 2
+    return [{"library": m, "ms per matmul": 1e3 * t[m].median / n,
+             "GFLOP/s": 2 * rows * dim * hidden * n / t[m].median / 1e9,
+             "weight GB/s": 4 * dim * hidden * n / t[m].median / 1e9} for m in fns]
+
+
 BENCHES = {"topk": bench_topk, "kv-layout": bench_kv_layout, "bf16-matmul": bench_bf16_matmul,
-           "flow-support": bench_flow_support, "concurrency": bench_concurrency}
+           "flow-support": bench_flow_support, "concurrency": bench_concurrency,
+           "decode-matmul": bench_decode_matmul}
 
 
 def main(argv=None) -> None:

@@ -231,6 +231,14 @@ def test_batch_independence_and_jit():
     np.testing.assert_array_equal(flow.map_token(noise, log_p, c, settings), ids)
 
 
+@pytest.mark.parametrize("k", [1, 127, 128, 300, 16384])
+def test_running_count_is_cumsum(k):
+    mask = np.random.default_rng(k).random((3, k)) < 0.6
+    got = codes.running_count(jnp.asarray(mask))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.cumsum(mask, axis=-1))
+
+
 def test_compact_keeps_each_rows_finite_codes_in_order():
     rng = np.random.default_rng(12)
     c = rng.normal(size=(50, 3)).astype(np.float32)

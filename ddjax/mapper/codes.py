@@ -49,6 +49,22 @@ def code(codebook: Array, idx: Array) -> Array:
     return jnp.take_along_axis(codebook, idx[:, None, None], axis=2)[:, :, 0]
 
 
+def running_count(mask: Array, block: int = 128) -> Array:
+    """jnp.cumsum(mask, axis=-1) for a bool [N, K] mask, int32 [N, K].
+
+    Within blocks of `block` entries the count is a matmul with a triangular matrix of ones
+    (exact: sums of 0/1 below 2^24), then the blocks' totals are added: on XLA:CPU a quarter
+    cheaper than the cumsum's reduce-window.
+    """
+    n, k = mask.shape
+    pad = -k % block
+    m = jnp.pad(mask, ((0, 0), (0, pad))).astype(jnp.float32).reshape(n, -1, block)
+    inner = jnp.matmul(m, jnp.triu(jnp.ones((block, block), jnp.float32)),
+                       precision=jax.lax.Precision.HIGHEST)
+    before = jnp.cumsum(inner[..., -1], axis=-1) - inner[..., -1]
+    return (inner + before[..., None]).reshape(n, -1)[:, :k].astype(jnp.int32)
+
+
 def compact(log_p: Array, codebook: Array, size: int) -> tuple[Array, Array, Array]:
     """Each row's codes with a finite log p, in index order, padded with removed codes.
 
@@ -63,7 +79,7 @@ def compact(log_p: Array, codebook: Array, size: int) -> tuple[Array, Array, Arr
     count = jnp.sum(finite, axis=-1, dtype=jnp.int32)
     # The j-th finite code goes to slot j: a scatter of the code indices by a running count
     # (a sort or top-k over K would cost several times more on CPU).
-    slot = jnp.cumsum(finite, axis=-1, dtype=jnp.int32) - 1
+    slot = running_count(finite) - 1
     slot = jnp.where(finite, slot, size)  # removed codes go past the end and are dropped
     rows = jnp.arange(log_p.shape[0], dtype=jnp.int32)[:, None]
     ids = jnp.broadcast_to(jnp.arange(log_p.shape[1], dtype=jnp.int32), log_p.shape)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from helpers import random_params, teacher_of, tiny_gpt_config
 
+from ddjax.mapper.flow import FlowSettings
 from ddjax.mapper.sequence import map_noise_to_tokens
 from ddjax.sharding import make_mesh
 from ddjax.teacher.llamagen.gpt import init_params
@@ -40,4 +41,8 @@ def test_flow_map_same_tokens_on_1_and_8_devices():
     ref = map_noise_to_tokens(one, jax.device_put(noise, dev0), jax.device_put(labels, dev0), s)
     out = map_noise_to_tokens(teacher_of(cfg, params, code), noise, labels, s, mesh=make_mesh({"data": 8}))
     assert len(out.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    # support compaction (each row's top-k codes only) is the same map, sharded too
+    out = map_noise_to_tokens(teacher_of(cfg, params, code), noise, labels, s, FlowSettings(support_k=20),
+                              mesh=make_mesh({"data": 8}))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
