@@ -76,11 +76,11 @@ def compact(log_p: Array, codebook: Array, size: int) -> tuple[Array, Array, Arr
       not fit keeps only its first S finite codes (by index), so its result must not be used.
     """
     finite = log_p > -jnp.inf
-    count = jnp.sum(finite, axis=-1, dtype=jnp.int32)
     # The j-th finite code goes to slot j: a scatter of the code indices by a running count
     # (a sort or top-k over K would cost several times more on CPU).
-    slot = running_count(finite) - 1
-    slot = jnp.where(finite, slot, size)  # removed codes go past the end and are dropped
+    running = running_count(finite)
+    count = running[:, -1]
+    slot = jnp.where(finite, running - 1, size)  # removed codes go past the end and are dropped
     rows = jnp.arange(log_p.shape[0], dtype=jnp.int32)[:, None]
     ids = jnp.broadcast_to(jnp.arange(log_p.shape[1], dtype=jnp.int32), log_p.shape)
     idx = jnp.zeros((log_p.shape[0], size), jnp.int32).at[rows, slot].set(ids, mode="drop")
