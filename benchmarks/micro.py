@@ -21,8 +21,9 @@ key/value row into a cache of --cache rows, then attend from one query per row o
 bf16-matmul: the logits head's shape; f32 x f32, bf16 x bf16 -> bf16, and bf16 inputs with
 `preferred_element_type=float32` (f32 accumulation and output).
 
-flow-support: rows of log p = top-k (half) of 16384; `codes.compact` (running count + scatter;
-also with jnp.cumsum as the running count) against gathering `lax.top_k`'s indices, then
+flow-support: rows of log p = top-k (half) of 16384; `codes.compact` (running count + a
+scatter by a permutation, then a gather; also with jnp.cumsum as the running count, and with
+the earlier scatter that drops the removed codes) against gathering `lax.top_k`'s indices, then
 --steps velocity evaluations over all codes, over the compacted per-row codes in ddjax's
 [N, d, S] layout and in [N, S, d] (velocities checked equal to 1e-5 first).
 
@@ -176,14 +177,27 @@ def bench_flow_support(args) -> list[dict]:
     code = jax.random.normal(jax.random.PRNGKey(1), (k, d))
     code = code / jnp.linalg.norm(code, axis=1, keepdims=True)
     x = jax.random.normal(jax.random.PRNGKey(2), (n, d))
+    def compact_dropping(lp):  # the earlier compaction (same outputs)
+        finite = lp > -jnp.inf
+        running = codes.running_count(finite)
+        count = running[:, -1]
+        rows = jnp.arange(n)[:, None]
+        ids = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), lp.shape)
+        slot = jnp.where(finite, running - 1, s)
+        idx = jnp.zeros((n, s), jnp.int32).at[rows, slot].set(ids, mode="drop")
+        out, cb = gather(lp, code, idx)
+        return jnp.where(jnp.arange(s)[None, :] < count[:, None], out, -jnp.inf), cb
+
     sel = {"compact": jax.jit(lambda lp: compact(lp, code, s)[:2]),
+           "compact, scatter dropping removed codes": jax.jit(compact_dropping),
            "lax.top_k + gather": jax.jit(lambda lp: gather(lp, code, jax.lax.top_k(lp, s)[1]))}
     # the same compaction with XLA's cumsum as its running count (traced with it swapped in)
     with mock.patch.object(codes, "running_count", lambda m: jnp.cumsum(m, axis=-1, dtype=jnp.int32)):
         sel["compact, jnp.cumsum count"] = jax.jit(lambda lp: compact(lp, code, s)[:2]).lower(log_p).compile()
     for m, f in sel.items():
         if m.startswith("compact"):
-            np.testing.assert_array_equal(np.asarray(f(log_p)[1]), np.asarray(sel["compact"](log_p)[1]))
+            for a, b in zip(f(log_p), sel["compact"](log_p)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     t = interleaved({m: (lambda f=f: f(log_p)) for m, f in sel.items()}, warmup=1, repeats=args.repeats)
     rows = [{"what": f"select {s} of {k} codes, {n} rows", "candidate": m, "ms": 1e3 * t[m].median}
             for m in sel]
@@ -249,7 +263,7 @@ def bench_decode_matmul(args) -> list[dict]:
         torch = None
     if torch is not None:
         torch.set_num_threads(2)
-        tw, tx = [torch.from_numpy(w) for w in ws], torch.from_numpy(x)
+        tw, tx = [torch.from_numpy(np.array(w)) for w in ws], torch.from_numpy(np.array(x))  # writable copies
 
         def eager():
             with torch.no_grad():

@@ -246,14 +246,15 @@ def test_compact_keeps_each_rows_finite_codes_in_order():
     keep = rng.random((4, 50)) < np.array([[0.3], [0.1], [0.0], [0.9]])
     keep[2, 7] = True  # a single finite code
     log_p = np.where(keep, log_p, -np.inf).astype(np.float32)
-    lp, cb, fits = codes.compact(jnp.asarray(log_p), jnp.asarray(c), 20)
-    chex.assert_shape((lp, cb, fits), ((4, 20), (4, 3, 20), (4,)))
+    lp, cb, slots, fits = codes.compact(jnp.asarray(log_p), jnp.asarray(c), 20)
+    chex.assert_shape((lp, cb, slots, fits), ((4, 20), (4, 3, 20), (4, 20), (4,)))
     for r in range(4):
         ids = np.nonzero(keep[r])[0]
         np.testing.assert_array_equal(fits[r], len(ids) <= 20)
         m = min(len(ids), 20)
         np.testing.assert_array_equal(lp[r, :m], log_p[r, ids[:m]])
         np.testing.assert_array_equal(cb[r, :, :m], c[ids[:m]].T)
+        np.testing.assert_array_equal(slots[r, :m], ids[:m])
         assert np.all(np.isneginf(lp[r, m:]))
 
 

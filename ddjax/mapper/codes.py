@@ -65,28 +65,34 @@ def running_count(mask: Array, block: int = 128) -> Array:
     return (inner + before[..., None]).reshape(n, -1)[:, :k].astype(jnp.int32)
 
 
-def compact(log_p: Array, codebook: Array, size: int) -> tuple[Array, Array, Array]:
+def compact(log_p: Array, codebook: Array, size: int) -> tuple[Array, Array, Array, Array]:
     """Each row's codes with a finite log p, in index order, padded with removed codes.
 
     Args:
       log_p: [N, K] (-inf = removed code); codebook: [K, d]; size: S, the codes kept per row.
     Returns:
       log_p [N, S] (-inf past the row's finite codes), per-row codebooks [N, d, S] (padding
-      slots hold code 0) and fits [N] bool: the row has at most S finite codes. A row that does
-      not fit keeps only its first S finite codes (by index), so its result must not be used.
+      slots hold code 0), the code index of each slot [N, S] int32 and fits [N] bool: the row
+      has at most S finite codes. A row that does not fit keeps only its first S finite codes
+      (by index), so its result must not be used.
     """
     finite = log_p > -jnp.inf
-    # The j-th finite code goes to slot j: a scatter of the code indices by a running count
-    # (a sort or top-k over K would cost several times more on CPU).
+    # The j-th finite code goes to slot j and the j-th removed one to slot K - 1 - j: a scatter
+    # of the code indices by a running count. As a permutation its indices are unique and in
+    # bounds, which XLA:CPU scatters in about half the time of one that drops the removed
+    # codes (benchmarks/micro.py flow-support); a sort or top-k over K costs several times more.
+    n, k = log_p.shape
     running = running_count(finite)
     count = running[:, -1]
-    slot = jnp.where(finite, running - 1, size)  # removed codes go past the end and are dropped
-    rows = jnp.arange(log_p.shape[0], dtype=jnp.int32)[:, None]
-    ids = jnp.broadcast_to(jnp.arange(log_p.shape[1], dtype=jnp.int32), log_p.shape)
-    idx = jnp.zeros((log_p.shape[0], size), jnp.int32).at[rows, slot].set(ids, mode="drop")
+    ids = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (n, k))
+    slot = jnp.where(finite, running - 1, k - 1 - ids + running)
+    rows = jnp.arange(n, dtype=jnp.int32)[:, None]
+    order = jnp.zeros((n, k), jnp.int32).at[rows, slot].set(
+        ids, unique_indices=True, mode="promise_in_bounds")
+    used = jnp.arange(size)[None, :] < count[:, None]
+    idx = jnp.where(used, order[:, :size], 0)
     lp, cb = gather(log_p, codebook, idx)
-    lp = jnp.where(jnp.arange(size)[None, :] < count[:, None], lp, -jnp.inf)
-    return lp, cb, count <= size
+    return jnp.where(used, lp, -jnp.inf), cb, idx, count <= size
 
 
 def column(t: Array | float, n: int, dtype=jnp.float32) -> Array:

@@ -333,23 +333,45 @@ def settings_grid(s: FlowSettings, dtype=np.float32) -> np.ndarray:
 
 
 def _integrate_rows(
-    x: Array, log_p: Array, codebook: Array, ts: np.ndarray, s: FlowSettings
+    x: Array, log_p: Array, codebook: Array, ts: np.ndarray, s: FlowSettings, snapped: bool = False
 ) -> tuple[Array, Array]:
     """Integration of one block of rows with the optional support and pruning stages of `s`.
 
-    Returns (x at t_min [N, d], the step at which each row was pruned [N], num_steps: never).
+    Returns (x at t_min [N, d], or with `snapped` the index of its nearest allowed code [N]
+    int32 (`snap`); the step at which each row was pruned [N], num_steps: never).
     """
     if s.support_k is None or s.support_k >= log_p.shape[-1]:
-        return _integrate_support(x, log_p, codebook, ts, s)
-    lp_c, cb_c, fits = compact(log_p, codebook, s.support_k)
+        return _run_support(x, log_p, codebook, None, ts, s, snapped)
+    lp_c, cb_c, ids, fits = compact(log_p, codebook, s.support_k)
     # A row with more finite codes than support_k takes the full-width result. Each branch runs
     # only when some row of the block needs it, and a row's result never depends on the others.
-    skip = lambda _: (x, jnp.zeros(x.shape[:1], jnp.int32))
-    x_c, at_c = jax.lax.cond(jnp.any(fits), lambda _: _integrate_support(x, lp_c, cb_c, ts, s),
-                             skip, None)
+    unused = jnp.zeros(x.shape[:1], jnp.int32)
+    skip = lambda _: (unused if snapped else x, unused)
+    x_c, at_c = jax.lax.cond(jnp.any(fits),
+                             lambda _: _run_support(x, lp_c, cb_c, ids, ts, s, snapped), skip, None)
     x_f, at_f = jax.lax.cond(jnp.all(fits), skip,
-                             lambda _: _integrate_support(x, log_p, codebook, ts, s), None)
-    return jnp.where(fits[:, None], x_c, x_f), jnp.where(fits, at_c, at_f)
+                             lambda _: _run_support(x, log_p, codebook, None, ts, s, snapped), None)
+    fits_out = fits.reshape(fits.shape + (1,) * (x_c.ndim - 1))
+    return jnp.where(fits_out, x_c, x_f), jnp.where(fits, at_c, at_f)
+
+
+def _run_support(
+    x: Array, log_p: Array, codebook: Array, ids: Array | None, ts: np.ndarray, s: FlowSettings,
+    snapped: bool,
+) -> tuple[Array, Array]:
+    """`_integrate_support`, then (if snapped) the nearest allowed code, as an index into the
+    shared codebook (ids [N, S]: the code index of each slot of per-row codebooks)."""
+    end, at = _integrate_support(x, log_p, codebook, ts, s)
+    return (_nearest(end, codebook, log_p, ids) if snapped else end), at
+
+
+def _nearest(x: Array, codebook: Array, log_p: Array | None, ids: Array | None = None) -> Array:
+    """argmin_k |c_k|^2 - 2 x.c_k over the codes with a finite log p, int32 [N] (`snap`)."""
+    dist = sq_norms(codebook) - 2.0 * dots(x, codebook)
+    if log_p is not None:
+        dist = jnp.where(jnp.isneginf(log_p), jnp.inf, dist)
+    j = jnp.argmin(dist, axis=-1).astype(jnp.int32)
+    return j if ids is None else jnp.take_along_axis(ids, j[:, None], axis=1)[:, 0]
 
 
 def _integrate_support(
@@ -456,14 +478,7 @@ def snap(
     rows = [x.reshape(-1, d)]
     if log_p is not None:
         rows.append(jnp.asarray(log_p, dtype).reshape(rows[0].shape[0], -1))
-    c2 = jnp.sum(codebook * codebook, axis=-1)[None, :]
-
-    def nearest(flat: Array, lp: Array | None = None) -> Array:
-        dist = c2 - 2.0 * (flat @ codebook.T)
-        if lp is not None:
-            dist = jnp.where(jnp.isneginf(lp), jnp.inf, dist)
-        return jnp.argmin(dist, axis=-1).astype(jnp.int32)
-
+    nearest = lambda flat, lp=None: _nearest(flat, codebook, lp)
     ids = nearest(*rows) if chunk is None else _by_chunks(nearest, chunk, *rows)
     return ids.reshape(lead)
 
@@ -486,7 +501,7 @@ def map_token(
     x, log_p, codebook, lead = _rows(noise, log_p, codebook, dtype)
 
     def run(x: Array, lp: Array) -> Array:
-        end = _integrate_rows(x, lp, codebook, ts, settings)[0]
-        return snap(end, codebook, lp, dtype=dtype)
+        # snapping inside the integration's branches reuses a row's compacted codes
+        return _integrate_rows(x, lp, codebook, ts, settings, snapped=True)[0]
 
     return _run_rows(run, settings.chunk, x, log_p).reshape(lead)
