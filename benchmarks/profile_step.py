@@ -42,6 +42,7 @@ from benchmarks.teacher_sampling import (  # noqa: E402
     random_params,
     settings_for,
 )
+from ddjax.teacher.llamagen.sampling import weight_major_params  # noqa: E402
 
 _RUNTIME = ("Thread", "Thunk", "$", "Slinky", "end:", "while")
 
@@ -83,15 +84,19 @@ def main(argv=None) -> None:
     p.add_argument("--variant", default="new",
                    help="a variant of the loop from benchmarks/sampler_variants.py (default new)")
     p.add_argument("--trace", default=None, help="trace directory (default: a temporary one)")
+    p.add_argument("--weight-major", choices=("on", "off"), default="on",
+                   help="kernels applied as kernel^T x^T (sample()'s CPU default) or x @ kernel")
     args = p.parse_args(argv)
     config = make_config(args.small, args.dtype)
     params = random_params(make_config(args.small))
     settings = settings_for(config)
     cond, key = labels(args.batch, config), jax.random.PRNGKey(args.batch)
     print_environment({"batch": args.batch, "tokens": args.tokens, "dtype": args.dtype,
-                       "variant": args.variant})
+                       "variant": args.variant, "weight-major": args.weight_major})
+    wm = args.weight_major == "on"
+    params = weight_major_params(params) if wm else params
     with patched(variant(args.variant)):
-        compiled = ddjax_sampler(config, settings, args.tokens).lower(params, cond, key).compile()
+        compiled = ddjax_sampler(config, settings, args.tokens, wm).lower(params, cond, key).compile()
     jax.block_until_ready(compiled(params, cond, key))
     trace = args.trace or tempfile.mkdtemp(prefix="ddjax_trace_")
     t0 = time.perf_counter()

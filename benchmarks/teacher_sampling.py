@@ -56,7 +56,13 @@ from benchmarks._common import (  # noqa: E402
 )
 from ddjax.teacher.llamagen.gpt import GPTConfig, gpt_config, init_params  # noqa: E402
 from ddjax.teacher.llamagen.layers import ffn_hidden_dim  # noqa: E402
-from ddjax.teacher.llamagen.sampling import SamplingSettings, sample  # noqa: E402
+from ddjax.teacher.llamagen.sampling import (  # noqa: E402
+    SamplingSettings,
+    greedy_rule,
+    multinomial_rule,
+    weight_major_params,
+)
+from ddjax.teacher.llamagen.sampling import _sample_impl as sampling_impl  # noqa: E402
 
 PAPER_TOP_K = 8000  # of a 16384-token vocabulary
 SMALL = dict(n_layer=2, dim=64, n_head=4, vocab_size=512, block_size=16, num_classes=10, multiple_of=32)
@@ -114,9 +120,23 @@ def flops_per_image(config: GPTConfig, num_tokens: int, cfg: bool) -> float:
 
 
 # -- ddjax -----------------------------------------------------------------------------------------
-def ddjax_sampler(config: GPTConfig, settings: SamplingSettings, num_tokens: int):
-    """A jitted (params, labels, key) -> tokens; `sample`'s own loop inlined into it."""
-    return jax.jit(lambda p, c, k: sample(p, config, c, k, settings, num_tokens=num_tokens))
+def ddjax_sampler(config: GPTConfig, settings: SamplingSettings, num_tokens: int,
+                  weight_major: bool = False):
+    """A jitted (params, labels, key) -> tokens: `sample`'s compiled loop. With weight_major
+    the params must come from `weight_major_params` (as `sample` passes them)."""
+    rule = greedy_rule if settings.greedy else multinomial_rule
+    run = functools.partial(sampling_impl, config=config, settings=settings, rule=rule,
+                            prefix_len=0, num_tokens=num_tokens, mesh=None,
+                            weight_major=weight_major)
+    return jax.jit(lambda p, c, k: run(p, c, k, jnp.zeros((c.shape[0], 1), jnp.int32), None))
+
+
+def compiled_ddjax(config, settings, n, params, cond, key, weight_major: bool):
+    """(compile timing, a no-argument call) of ddjax's loop; weight_major as `sample` runs it
+    (the kernels copied to [out, in] once, outside the timed calls)."""
+    p = weight_major_params(params) if weight_major else params
+    comp = compile_jitted(ddjax_sampler(config, settings, n, weight_major), p, cond, key)
+    return comp, functools.partial(comp.executable, p, cond, key)
 
 
 def bench_ddjax(args, peaks: dict[str, float]) -> list[dict[str, Any]]:
@@ -128,24 +148,23 @@ def bench_ddjax(args, peaks: dict[str, float]) -> list[dict[str, Any]]:
         settings = settings_for(config, args.top_k)
         n = args.tokens or config.block_size
         fpi = flops_per_image(config, n, settings.use_cfg)
-        for batch in args.batches:
+        for batch, wm in ((b, w) for b in args.batches for w in args.weight_major):
             cond, key = labels(batch, config), jax.random.PRNGKey(batch)
-            comp = compile_jitted(ddjax_sampler(config, settings, n), params, cond, key)
-            run = functools.partial(comp.executable, params, cond, key)
+            comp, run = compiled_ddjax(config, settings, n, params, cond, key, wm == "on")
             if args.warmup is None:  # adaptive: warm up only where a call is cheap
                 t = time_fn(run, repeats=args.repeats, warmup_below_s=5.0)
             else:
                 t = time_fn(run, warmup=args.warmup, repeats=args.repeats)
             images = batch / t.median
             row = {
-                "dtype": dtype, "batch": batch, "tokens": n, "s/call": t.median,
+                "dtype": dtype, "weight-major": wm, "batch": batch, "tokens": n, "s/call": t.median,
                 "tokens/s": images * n, "images/s": images,
                 "lower s": comp.lower_s, "compile s": comp.compile_s,
                 "GFLOP/image": fpi / 1e9, "GFLOP/s": fpi * images / 1e9,
                 "MFU %": 100 * fpi * images / 1e9 / peaks[dtype],
             }
             rows.append(row)
-            print(f"  {dtype} batch {batch}: {t}, {row['tokens/s']:.1f} tokens/s, "
+            print(f"  {dtype} weight-major {wm} batch {batch}: {t}, {row['tokens/s']:.1f} tokens/s, "
                   f"compile {comp.total_s:.1f} s", flush=True)
     return rows
 
@@ -228,16 +247,17 @@ def check_same_tokens(args, config, params, model, generate) -> None:
     n = min(args.check_tokens, config.block_size)
     settings = settings_for(config, 1)
     batch = args.check_rows
-    ours = np.asarray(ddjax_sampler(config, settings, n)(params, labels(batch, config),
-                                                         jax.random.PRNGKey(0)))
     theirs = llamagen_sampler(model, generate, config, settings, batch, n)().numpy()
-    same = (ours == theirs).all(axis=1)
-    print(f"greedy check (top_k=1, CFG {settings.cfg_scale}, {batch} rows x {n} tokens): "
-          f"identical rows {int(same.sum())}/{batch}", flush=True)
-    if not same.all():
-        first = int(np.argmax(ours[~same][0] != theirs[~same][0]))
-        raise SystemExit(f"ddjax and LlamaGen disagree (first difference at token {first}): "
-                         "the weights or sampling semantics differ")
+    for wm in args.weight_major:
+        ours = np.asarray(compiled_ddjax(config, settings, n, params, labels(batch, config),
+                                         jax.random.PRNGKey(0), wm == "on")[1]())
+        same = (ours == theirs).all(axis=1)
+        print(f"greedy check (top_k=1, CFG {settings.cfg_scale}, {batch} rows x {n} tokens, "
+              f"weight-major {wm}): identical rows {int(same.sum())}/{batch}", flush=True)
+        if not same.all():
+            first = int(np.argmax(ours[~same][0] != theirs[~same][0]))
+            raise SystemExit(f"ddjax and LlamaGen disagree (first difference at token {first}): "
+                             "the weights or sampling semantics differ")
 
 
 def compile_llamagen(model):
@@ -263,8 +283,11 @@ def compare_llamagen(args) -> list[dict[str, Any]]:
     rows = []
     for batch in args.batches:
         cond, key = labels(batch, config), jax.random.PRNGKey(batch)
-        comp = compile_jitted(ddjax_sampler(config, settings, n), params, cond, key)
-        fns = {"ddjax": functools.partial(comp.executable, params, cond, key)}
+        comps, fns = {}, {}
+        for wm in args.weight_major:  # "ddjax" is the first mode, (x @ kernel) the other
+            name = "ddjax" if wm == args.weight_major[0] else f"ddjax (weight-major {wm})"
+            comps[name], fns[name] = compiled_ddjax(config, settings, n, params, cond, key, wm == "on")
+        comp = comps["ddjax"]
         fns.update({name: llamagen_sampler(m, generate, config, settings, batch, n)
                     for name, m in models.items()})
         # Warm-up (excluded from the timings): one call of each. For the compiled model this is
@@ -274,6 +297,10 @@ def compare_llamagen(args) -> list[dict[str, Any]]:
         t = interleaved(fns, warmup=0, repeats=args.repeats)
         ours = batch * n / t["ddjax"].median
         row: dict[str, Any] = {"batch": batch, "tokens": n, "ddjax tokens/s": ours}
+        for name in fns:
+            if name.startswith("ddjax ("):
+                row[f"{name} tokens/s"] = batch * n / t[name].median
+                row[f"ddjax / {name}"] = ours / (batch * n / t[name].median)
         for name in models:
             theirs = batch * n / t[name].median
             row[f"{name} tokens/s"] = theirs
@@ -310,7 +337,12 @@ def parse_args(argv=None):
     p.add_argument("--check-rows", type=int, default=2, help="rows for the top_k=1 identity check")
     p.add_argument("--check-tokens", type=int, default=32, help="tokens for the top_k=1 check")
     p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--weight-major", type=lambda s: s.split(","), default=["on", "off"],
+                   help="ddjax's kernels applied as kernel^T x^T (on: sample()'s CPU default) or "
+                        "x @ kernel (off); the first listed is 'ddjax' in the comparison")
     args = p.parse_args(argv)
+    if not args.weight_major or set(args.weight_major) - {"on", "off"}:
+        p.error(f"--weight-major takes on, off or on,off; got {','.join(args.weight_major)}")
     if args.batches is None:
         args.batches = [2] if args.small else ([8, 32] if args.compare_llamagen else [1, 8, 32])
     if args.small:

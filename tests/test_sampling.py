@@ -176,7 +176,8 @@ def test_no_recompilation_for_same_shapes(tiny_gpt):
     s = SamplingSettings(temperature=0.9)
     labels = jnp.array([1, 2])
     sample(params, cfg, labels, jax.random.PRNGKey(0), s)
-    fn = sampling_lib._compiled(cfg, s, sampling_lib.multinomial_rule, 0, cfg.block_size, None)
+    fn = sampling_lib._compiled(cfg, s, sampling_lib.multinomial_rule, 0, cfg.block_size, None,
+                                sampling_lib._default_weight_major(params))
     before = fn._cache_size()
     for seed in range(3):
         sample(params, cfg, labels + seed, jax.random.PRNGKey(seed), s)
@@ -264,3 +265,53 @@ def test_bf16_sampling_runs_and_mostly_agrees_with_f32(tiny_gpt):
     b = sample(params, cfg16, labels, jax.random.PRNGKey(0), s)
     assert b.dtype == jnp.int32 and b.shape == a.shape
     assert float((a[:, :4] == b[:, :4]).mean()) >= 0.75
+
+
+def test_weight_major_dot_is_the_dense_product():
+    """kernel^T x^T on an [out, in] buffer's [in, out] view: the Dense product, any leading
+    shape, f32 and bf16 (float32 accumulation)."""
+    from ddjax.teacher.llamagen.layers import accumulating_dot
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 96))
+    w_t = jax.random.normal(jax.random.PRNGKey(1), (40, 96))  # [out, in]
+    exact = jnp.einsum("bti,oi->bto", x, w_t, precision="highest")
+    dims = (((2,), (0,)), ((), ()))
+    out = jax.jit(lambda x, w_t: accumulating_dot(jnp.float32, weight_major=True)(x, w_t.T, dims))(x, w_t)
+    assert out.shape == (2, 3, 40) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
+    b16 = accumulating_dot(jnp.bfloat16, jnp.float32, weight_major=True)
+    y = b16(x.astype(jnp.bfloat16), w_t.T.astype(jnp.bfloat16), dims)
+    rounded = jnp.einsum("bti,oi->bto", x.astype(jnp.bfloat16).astype(jnp.float32),
+                         w_t.astype(jnp.bfloat16).astype(jnp.float32), precision="highest")
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, rounded, rtol=1e-5, atol=1e-4)
+
+
+def test_weight_major_params_transpose_the_kernels_only(tiny_gpt):
+    cfg, params = tiny_gpt
+    moved = sampling_lib.weight_major_params(params)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    got = jax.tree_util.tree_leaves(moved)
+    kernels = 0
+    for (path, a), b in zip(flat, got):
+        if jax.tree_util.keystr(path).endswith("['kernel']"):
+            kernels += 1
+            np.testing.assert_array_equal(b, np.asarray(a).T)
+        else:
+            np.testing.assert_array_equal(b, a)
+    assert kernels == 5 * cfg.n_layer + 1  # wqkv, wo, w1, w3, w2 per layer, and the head
+
+
+def test_weight_major_sampling_draws_the_same_tokens(tiny_gpt):
+    cfg, params = tiny_gpt
+    labels = jnp.array([1, 2, 3, 4])
+    for s in (SamplingSettings(cfg_scale=2.0, top_k=20), SamplingSettings(cfg_scale=2.0, greedy=True)):
+        on = sample(params, cfg, labels, jax.random.PRNGKey(3), s, weight_major=True)
+        off = sample(params, cfg, labels, jax.random.PRNGKey(3), s, weight_major=False)
+        np.testing.assert_array_equal(on, off)
+    assert sampling_lib._default_weight_major(params)  # CPU arrays: on by default
+    # Under an outer jit the default is off, and asking for it names the problem.
+    traced = jax.jit(lambda p: sample(p, cfg, labels, jax.random.PRNGKey(3), s))(params)
+    np.testing.assert_array_equal(traced, off)
+    with pytest.raises(ValueError, match="weight_major=True needs concrete params"):
+        jax.jit(lambda p: sample(p, cfg, labels, jax.random.PRNGKey(3), s, weight_major=True))(params)

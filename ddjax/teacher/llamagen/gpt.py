@@ -211,9 +211,15 @@ class CaptionMLP(nn.Module):
 
 
 class GPT(nn.Module):
-    """LlamaGen's `Transformer`. See the module docstring for the three entry points."""
+    """LlamaGen's `Transformer`. See the module docstring for the three entry points.
+
+    weight_major: the Dense kernels arrive as transposes of [out, in] buffers
+    (`sampling.weight_major_params`) and are applied as kernel^T x^T (`layers.accumulating_dot`):
+    the same model, faster on the CPU at decoding's few rows. The sampler sets it.
+    """
 
     config: GPTConfig
+    weight_major: bool = False
 
     def setup(self):
         c = self.config
@@ -233,7 +239,8 @@ class GPT(nn.Module):
         self.layers = [
             TransformerBlock(
                 c.dim, c.n_head, c.kv_heads, hidden, c.norm_eps, c.resid_dropout_p,
-                c.ffn_dropout_p, float(rates[i]), attention_impl=c.attention_impl, **kw,
+                c.ffn_dropout_p, float(rates[i]), attention_impl=c.attention_impl,
+                weight_major=self.weight_major, **kw,
             )
             for i in range(c.n_layer)
         ]
@@ -241,7 +248,8 @@ class GPT(nn.Module):
         # LlamaGen zero-initialises the output head.
         # Logits leave the head in float32 (accumulated in float32 for bf16 compute).
         self.output = nn.Dense(c.vocab_size, use_bias=False, kernel_init=nn.initializers.zeros,
-                               dot_general=accumulating_dot(c.dtype, jnp.float32), **kw)
+                               dot_general=accumulating_dot(c.dtype, jnp.float32, self.weight_major),
+                               **kw)
         self.rope = jnp.asarray(rope_table_2d(c.grid_size, c.head_dim, c.rope_base, c.cls_token_num))
 
     # -- pieces ---------------------------------------------------------------------------
