@@ -31,8 +31,9 @@ concurrency: one elementwise-and-reduce fusion over [8, 2^20] against two indepe
 one program: a ratio near 2 means XLA:CPU runs them one after the other on one core.
 
 decode-matmul: GPT-B's feed-forward shape at batch 8 with CFG, [16, 768] x [768, 2048] and back,
-for 12 layers' distinct weights (75 MB in f32, more than the L3 cache) in a loop, in XLA and in
-PyTorch (torch.set_num_threads(2)): GFLOP/s and the weight bytes read per second.
+for 12 layers' distinct weights (75 MB in f32, more than the L3 cache) in a loop, in XLA (as
+x @ kernel, and weight-major: kernel^T x^T on [out, in] buffers, as `sample` runs on the CPU)
+and in PyTorch (torch.set_num_threads(2)): GFLOP/s and the weight bytes read per second.
 
 Every comparison interleaves its candidates' calls (benchmarks/_common.py), median of --repeats.
 """
@@ -256,7 +257,25 @@ def bench_decode_matmul(args) -> list[dict]:
             return x
         return jax.lax.fori_loop(0, loops, body, x)
 
-    fns = {"XLA": functools.partial(xla, jnp.asarray(x), [jnp.asarray(w) for w in ws])}
+    from ddjax.teacher.llamagen.layers import accumulating_dot
+
+    wm_dot = functools.partial(accumulating_dot(jnp.float32, weight_major=True),
+                               dimension_numbers=(((1,), (0,)), ((), ())))
+
+    @jax.jit
+    def xla_weight_major(x, ws, ws_t):  # each kernel's [out, in] buffer, applied through its view
+        def body(i, x):
+            for w, w_t in zip(ws, ws_t):
+                x = x + 1e-3 * wm_dot(jnp.tanh(wm_dot(x, w_t.T)), w.T)
+            return x
+        return jax.lax.fori_loop(0, loops, body, x)
+
+    fns = {"XLA": functools.partial(xla, jnp.asarray(x), [jnp.asarray(w) for w in ws]),
+           "XLA, weight-major": functools.partial(xla_weight_major, jnp.asarray(x),
+                                                  [jnp.asarray(w) for w in ws],
+                                                  [jnp.asarray(w.T.copy()) for w in ws])}
+    np.testing.assert_allclose(np.asarray(fns["XLA, weight-major"]()), np.asarray(fns["XLA"]()),
+                               rtol=1e-4, atol=1e-5)
     try:
         import torch
     except ImportError:
