@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,7 +179,7 @@ def test_no_recompilation_for_same_shapes(tiny_gpt):
     labels = jnp.array([1, 2])
     sample(params, cfg, labels, jax.random.PRNGKey(0), s)
     fn = sampling_lib._compiled(cfg, s, sampling_lib.multinomial_rule, 0, cfg.block_size, None,
-                                sampling_lib._default_weight_major(params))
+                                sampling_lib._default_weight_major(params, cfg))
     before = fn._cache_size()
     for seed in range(3):
         sample(params, cfg, labels + seed, jax.random.PRNGKey(seed), s)
@@ -309,7 +311,8 @@ def test_weight_major_sampling_draws_the_same_tokens(tiny_gpt):
         on = sample(params, cfg, labels, jax.random.PRNGKey(3), s, weight_major=True)
         off = sample(params, cfg, labels, jax.random.PRNGKey(3), s, weight_major=False)
         np.testing.assert_array_equal(on, off)
-    assert sampling_lib._default_weight_major(params)  # CPU arrays: on by default
+    assert sampling_lib._default_weight_major(params, cfg)  # CPU arrays, f32: on by default
+    assert not sampling_lib._default_weight_major(params, dataclasses.replace(cfg, dtype="bfloat16"))
     # Under an outer jit the default is off, and asking for it names the problem.
     traced = jax.jit(lambda p: sample(p, cfg, labels, jax.random.PRNGKey(3), s))(params)
     np.testing.assert_array_equal(traced, off)

@@ -205,10 +205,11 @@ def _traced(params: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(params))
 
 
-def _default_weight_major(params: Any) -> bool:
-    """On where every parameter lives on CPU devices, and off under an outer jit (whose
-    computation would fold the kernels' copy back into their original layout)."""
-    if _traced(params):
+def _default_weight_major(params: Any, config: GPTConfig | None = None) -> bool:
+    """On for float32 compute where every parameter lives on CPU devices; off under an outer
+    jit (whose computation would fold the kernels' copy back into their original layout) and
+    for bf16 compute (measured slower with it at batch 32, benchmarks/README.md)."""
+    if _traced(params) or (config is not None and jnp.dtype(config.dtype) != jnp.float32):
         return False
     leaves = jax.tree_util.tree_leaves(params)
     devices = {d for x in leaves if isinstance(x, jax.Array) for d in x.devices()}
@@ -349,7 +350,7 @@ def sample(
       weight_major: copy the Dense kernels to [out, in] for the call and apply them as
         kernel^T x^T (`GPT.weight_major`): the same model, 1.2-1.5x faster matmuls on XLA:CPU
         at decoding's few rows, for one extra copy of the kernels during the call. None
-        (default): on when the params live on CPU devices.
+        (default): on for float32 compute when the params live on CPU devices.
     Returns:
       token ids [B, num_tokens] int32.
     """
@@ -375,7 +376,7 @@ def sample(
             lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), (cond, prefix_ids, rule_inputs)
         )
     if weight_major is None:
-        weight_major = _default_weight_major(params)
+        weight_major = _default_weight_major(params, config)
     if weight_major:
         if _traced(params):
             raise ValueError("weight_major=True needs concrete params (call sample outside "
