@@ -9,9 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # f32 and bf16, batch 8 and 32, 256 tokens, XLA attention (the default everywhere).
-python benchmarks/teacher_sampling.py --batches 8,32 --dtypes float32,bfloat16 --repeats 3
+python benchmarks/teacher_sampling.py --batches 8,32 --dtypes float32,bfloat16 --repeats 3 --weight-major off
 # The fused attention kernels (cuDNN for bf16 on GPU, Pallas on TPU or for f32 on GPU).
-DDJAX_ATTENTION_AUTO=1 python benchmarks/teacher_sampling.py --batches 8,32 --dtypes float32,bfloat16 --repeats 3
+DDJAX_ATTENTION_AUTO=1 python benchmarks/teacher_sampling.py --batches 8,32 --dtypes float32,bfloat16 --repeats 3 --weight-major off
 if [[ -n "${LLAMAGEN:-}" ]]; then
   python benchmarks/teacher_sampling.py --compare-llamagen "$LLAMAGEN" --torch-device cuda \
     --batches 8,32 --repeats 3

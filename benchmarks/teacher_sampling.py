@@ -337,10 +337,13 @@ def parse_args(argv=None):
     p.add_argument("--check-rows", type=int, default=2, help="rows for the top_k=1 identity check")
     p.add_argument("--check-tokens", type=int, default=32, help="tokens for the top_k=1 check")
     p.add_argument("--matmul-size", type=int, default=2048)
-    p.add_argument("--weight-major", type=lambda s: s.split(","), default=["on", "off"],
+    p.add_argument("--weight-major", type=lambda s: s.split(","), default=None,
                    help="ddjax's kernels applied as kernel^T x^T (on: sample()'s CPU default) or "
-                        "x @ kernel (off); the first listed is 'ddjax' in the comparison")
+                        "x @ kernel (off); the first listed is 'ddjax' in the comparison "
+                        "(default: on,off on the CPU, off,on elsewhere: sample()'s default first)")
     args = p.parse_args(argv)
+    if args.weight_major is None:
+        args.weight_major = ["on", "off"] if jax.default_backend() == "cpu" else ["off", "on"]
     if not args.weight_major or set(args.weight_major) - {"on", "off"}:
         p.error(f"--weight-major takes on, off or on,off; got {','.join(args.weight_major)}")
     if args.batches is None:
