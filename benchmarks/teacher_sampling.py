@@ -62,7 +62,7 @@ from ddjax.teacher.llamagen.sampling import (  # noqa: E402
     multinomial_rule,
     weight_major_params,
 )
-from ddjax.teacher.llamagen.sampling import _sample_impl as sampling_impl  # noqa: E402
+from ddjax.teacher.llamagen.sampling import _compiled as sampling_compiled  # noqa: E402
 
 PAPER_TOP_K = 8000  # of a 16384-token vocabulary
 SMALL = dict(n_layer=2, dim=64, n_head=4, vocab_size=512, block_size=16, num_classes=10, multiple_of=32)
@@ -125,9 +125,7 @@ def ddjax_sampler(config: GPTConfig, settings: SamplingSettings, num_tokens: int
     """A jitted (params, labels, key) -> tokens: `sample`'s compiled loop. With weight_major
     the params must come from `weight_major_params` (as `sample` passes them)."""
     rule = greedy_rule if settings.greedy else multinomial_rule
-    run = functools.partial(sampling_impl, config=config, settings=settings, rule=rule,
-                            prefix_len=0, num_tokens=num_tokens, mesh=None,
-                            weight_major=weight_major)
+    run = sampling_compiled(config, settings, rule, 0, num_tokens, None, weight_major)
     return jax.jit(lambda p, c, k: run(p, c, k, jnp.zeros((c.shape[0], 1), jnp.int32), None))
 
 

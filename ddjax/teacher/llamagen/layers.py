@@ -92,15 +92,17 @@ class RMSNorm(nn.Module):
 def accumulating_dot(dtype: Dtype, out_dtype: Dtype | None = None, weight_major: bool = False):
     """A `dot_general` for nn.Dense that accumulates in float32 when `dtype` is bf16/f16.
 
-    The product is cast to `out_dtype` (default `dtype`). None for float32 (the default dot).
+    The product is cast to `out_dtype` (default `dtype`). None for float32 without
+    weight_major (the default dot).
     On the CPU a bf16 x bf16 -> bf16 dot is slower than f32, while bf16 inputs with float32
     accumulation are faster (half the weight bytes); on GPU/TPU it is the usual mixed precision.
 
     weight_major: the kernel [in, out] is the transpose of an [out, in] buffer (the sampler's
     `weight_major_params` on the CPU): x [..., in] @ kernel is then taken as kernel^T x^T, the
-    weights as the left operand, which XLA:CPU runs 1.2-1.5x faster than x @ kernel at the
-    16-64 rows of a decoding step (benchmarks/micro.py decode-matmul). The optimization
-    barriers keep XLA from folding the transposes back into the x @ kernel form.
+    weights as the left operand, which XLA:CPU runs about 1.5x faster than x @ kernel at the
+    16 rows of a decoding step at batch 8 with CFG, less at more rows (benchmarks/micro.py
+    decode-matmul). The optimization barriers keep XLA from folding the transposes back into
+    the x @ kernel form.
     """
     if jnp.dtype(dtype) == jnp.float32 and not weight_major:
         return None

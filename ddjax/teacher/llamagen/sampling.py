@@ -189,6 +189,14 @@ def _is_kernel(path, x) -> bool:
     return getattr(path[-1], "key", None) == "kernel" and x.ndim == 2
 
 
+def _transposed_kernels(params: Any) -> Any:
+    """Every Dense kernel of params transposed ([in, out] <-> [out, in]), other leaves as they are."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: x.T if _is_kernel(p, x) else x, params)
+
+
+_transpose_kernels = jax.jit(_transposed_kernels)
+
+
 def weight_major_params(params: Any) -> Any:
     """params with every Dense kernel [in, out] stored as its transpose [out, in] (a copy),
     for `sample(weight_major=True)`; run outside the sampling loop's jit, so the buffers XLA
@@ -196,20 +204,15 @@ def weight_major_params(params: Any) -> Any:
     return _transpose_kernels(params)
 
 
-@jax.jit
-def _transpose_kernels(params: Any) -> Any:
-    return jax.tree_util.tree_map_with_path(lambda p, x: x.T if _is_kernel(p, x) else x, params)
-
-
 def _traced(params: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(params))
 
 
-def _default_weight_major(params: Any, config: GPTConfig | None = None) -> bool:
+def _default_weight_major(params: Any, config: GPTConfig) -> bool:
     """On for float32 compute where every parameter lives on CPU devices; off under an outer
     jit (whose computation would fold the kernels' copy back into their original layout) and
     for bf16 compute (measured slower with it at batch 32, benchmarks/README.md)."""
-    if _traced(params) or (config is not None and jnp.dtype(config.dtype) != jnp.float32):
+    if _traced(params) or jnp.dtype(config.dtype) != jnp.float32:
         return False
     leaves = jax.tree_util.tree_leaves(params)
     devices = {d for x in leaves if isinstance(x, jax.Array) for d in x.devices()}
@@ -225,8 +228,7 @@ def _sample_impl(params, cond, key, prefix, rule_inputs, *, config: GPTConfig,
     if weight_major:
         # The kernels arrive [out, in] (weight_major_params); the model sees their [in, out]
         # views, which XLA cancels against the kernel^T of the weight-major dot.
-        params = jax.tree_util.tree_map_with_path(
-            lambda p, x: x.T if _is_kernel(p, x) else x, params)
+        params = _transposed_kernels(params)
     if jnp.dtype(config.dtype) != jnp.dtype(config.param_dtype):
         # Every use casts the weights to the compute dtype: cast them once, not at every step
         # (the same values; the loop then reads half the bytes in bf16).
@@ -348,8 +350,9 @@ def sample(
       num_tokens: tokens to produce (default block_size).
       mesh: split the batch over the mesh's batch axes (B must divide evenly).
       weight_major: copy the Dense kernels to [out, in] for the call and apply them as
-        kernel^T x^T (`GPT.weight_major`): the same model, 1.2-1.5x faster matmuls on XLA:CPU
-        at decoding's few rows, for one extra copy of the kernels during the call. None
+        kernel^T x^T (`GPT.weight_major`): the same model, with matmuls about 1.5x faster on
+        XLA:CPU at the 16 rows of batch 8 with CFG (less at more rows), for one extra copy of
+        the kernels during the call. None
         (default): on for float32 compute when the params live on CPU devices.
     Returns:
       token ids [B, num_tokens] int32.
